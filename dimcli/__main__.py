@@ -1,0 +1,5 @@
+"""`python -m dimcli` runs the `dim` command line (torchrun uses this form)."""
+
+from dimcli.cli import main
+
+main()
