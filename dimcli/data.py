@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from dimcli.errors import BadImageError, DimError, UsageError
 
 __all__ = [
     "AUGMENTATIONS",
+    "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "PAPER_MEAN",
@@ -81,9 +82,9 @@ MAX_IMAGE_PIXELS: int = 89_478_485
 PAPER_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 PAPER_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+# Values accepted by make_transform(augment=...) and SkipLog(policy=...).
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "crop-flip")
-Augment = Literal["none", "flip", "crop-flip"]
-Policy = Literal["skip", "fail"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
 
 # The crop-flip recipe enlarges the shorter side by this factor before a random crop
 # (e.g. 64 -> 73, 32 -> 37), so crops move over about an eighth of the image.
@@ -150,7 +151,7 @@ def _scan_keys(root: Path, warn: Callable[[str], None]) -> list[str]:
                     f"cannot read image folder {shown}: {reason}; fix its permissions "
                     "or pass another folder"
                 ) from err
-            warn(f"skipping unreadable folder {prefix.rstrip('/')}: {reason}")
+            warn(f"skipping unreadable folder {printable(prefix.rstrip('/'))}: {reason}")
             continue
 
         subfolders: list[tuple[str, str]] = []
@@ -209,8 +210,10 @@ def folder_label(key: str) -> str | None:
 def load_rgb(path: Path | str, min_side: int | None = None) -> Image.Image:
     """Decode an image file into a fully loaded 8-bit RGB image.
 
-    The EXIF orientation is applied; transparency is composited on white; 16-bit
-    grayscale is scaled to 8 bit (round(v / 257)); animated images give their first frame.
+    The EXIF orientation is applied; transparency (alpha, a transparent palette entry or
+    colour key) is composited on white; 16-bit grayscale is scaled to 8 bit (round(v / 257)),
+    16-bit colour keeps the high byte (Pillow's reading); animated images give their first
+    frame; CMYK and other modes use Pillow's conversion to RGB.
 
     Args:
         path: the image file.
@@ -251,8 +254,14 @@ def load_rgb(path: Path | str, min_side: int | None = None) -> Image.Image:
             # Pillow reports damaged data with these; a cut-off file says "truncated".
             if "truncated" in str(err).lower():
                 raise BadImageError("truncated image") from None
-            raise BadImageError(f"corrupt image: {err}") from None
+            raise BadImageError(f"corrupt image: {_first_line(err)}") from None
     return image
+
+
+def _first_line(err: BaseException, limit: int = 80) -> str:
+    """The first line of an error message, cut to `limit` characters."""
+    lines = str(err).splitlines() or [type(err).__name__]
+    return lines[0] if len(lines[0]) <= limit else lines[0][: limit - 3] + "..."
 
 
 def _decode(file: BinaryIO, min_side: int | None) -> Image.Image:
@@ -280,23 +289,25 @@ def _decode(file: BinaryIO, min_side: int | None) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB."""
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode.startswith("I"):
         # 16-bit (or 32-bit int) grayscale: Pillow's convert("L") clips at 255, so scale the
         # 16-bit range down instead: round(v / 257) maps 0..65535 onto 0..255 exactly.
+        # Limitation: "I" images are assumed to span 0..65535 (8-bit data stored as "I"
+        # comes out dark, larger values clip); see docs/limitations.md
         values = np.asarray(image, dtype=np.float64)
         gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
-    if mode == "P" and image.has_transparency_data:
+    if mode not in _ALPHA_MODES and image.has_transparency_data:
+        # A transparent palette entry or colour key (PNG tRNS): turn it into alpha first.
         image = image.convert("RGBA")
         mode = "RGBA"
     if mode in _ALPHA_MODES:
-        # No background is known for transparent pixels; white is the usual document and
-        # web default, and it is stated in the docs.
+        # Transparent pixels have no colour of their own; composite them on white.
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
     # Limitation: float ("F") images are clipped to 0..255 by Pillow's conversion, not
     # rescaled; see docs/limitations.md
     return image.convert("RGB")
@@ -318,7 +329,8 @@ def _declared_size(file: BinaryIO) -> tuple[int, int] | None:
         prefix = file.read(16)
         for fmt in Image.ID:
             factory, accept = Image.OPEN[fmt]
-            if accept is not None and accept(prefix) is not True:
+            accepted = accept(prefix) if accept is not None else True
+            if isinstance(accepted, str) or not accepted:
                 continue
             file.seek(0)
             try:
@@ -341,13 +353,13 @@ class ImageTransform:
     global RNG, which DataLoader seeds per worker from the loader's generator.
     """
 
-    def __init__(self, image_size: int, augment: Augment = "none", train: bool = False) -> None:
+    def __init__(self, image_size: int, augment: str = "none", train: bool = False) -> None:
         if image_size < 1:
             raise UsageError(f"image size must be at least 1 pixel, got {image_size}")
         if augment not in AUGMENTATIONS:
             raise UsageError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         self.image_size = image_size
-        self.augment: Augment = augment
+        self.augment = augment
         self.train = train
         self.random_crop = train and augment == "crop-flip"
         self.random_flip = train and augment in ("flip", "crop-flip")
@@ -419,9 +431,7 @@ def _shorter_side_to(w: int, h: int, target: int) -> tuple[int, int]:
     return max(target, round(w * target / h)), target
 
 
-def make_transform(
-    image_size: int, augment: Augment = "none", train: bool = False
-) -> ImageTransform:
+def make_transform(image_size: int, augment: str = "none", train: bool = False) -> ImageTransform:
     """Build the per-image transform: RGB image -> uint8 tensor (3, image_size, image_size).
 
     - eval (any augment), and train with "none": shorter side to image_size (bilinear,
@@ -542,10 +552,10 @@ class SkipLog:
 
     FILE_NAME = "skipped.txt"
 
-    def __init__(self, policy: Policy = "skip", warn: Callable[[str], None] = warn_stderr) -> None:
-        if policy not in ("skip", "fail"):
+    def __init__(self, policy: str = "skip", warn: Callable[[str], None] = warn_stderr) -> None:
+        if policy not in BAD_IMAGE_POLICIES:
             raise UsageError(f"on-bad-image policy must be 'skip' or 'fail', got {policy!r}")
-        self.policy: Policy = policy
+        self.policy = policy
         self.warn = warn
         self._reasons: dict[str, str] = {}
 
@@ -638,13 +648,14 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     if any(v <= 0 for v in std):
         raise UsageError(f"std values must be positive, got {tuple(std)}")
 
-    # (x / 255 - m) / s == x * (1 / (255 s)) + (-m / s): one fused multiply-add per element.
+    # (x / 255 - m) / s == x / (255 s) + (-m / s): one fused kernel; dividing (rather than
+    # multiplying by a reciprocal) keeps the end points exact, 0 -> -1 and 255 -> 1 for 0.5/0.5.
     m = torch.tensor(mean, dtype=torch.float64)
     s = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * s)).to(images.device, torch.float32).view(c, 1, 1)
+    denom = (255.0 * s).to(images.device, torch.float32).view(c, 1, 1)
     shift = (-m / s).to(images.device, torch.float32).view(c, 1, 1)
     # .to keeps the memory format (channels_last stays channels_last)
-    return torch.addcmul(shift, images.to(torch.float32), scale)
+    return torch.addcdiv(shift, images.to(torch.float32), denom)
 
 
 # ==== loading ====
