@@ -21,6 +21,7 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import zipfile
@@ -122,7 +123,7 @@ def _shrink_npy(path: Path, n_rows: int) -> None:
 
         # Header region = dict text + space padding + "\n", between the length field and data.
         region = data_offset - _NPY_MAGIC_LEN - len_size
-        text = _npy_header_text((n_rows, shape[1]), np.lib.format.dtype_to_descr(dtype))
+        text = _npy_header_text((n_rows, shape[1]), dtype.str)
         assert len(text) < region, "a shape with fewer rows never needs a longer header"
         f.seek(_NPY_MAGIC_LEN + len_size)
         f.write((text.ljust(region - 1) + "\n").encode("latin1"))
@@ -132,7 +133,11 @@ def _shrink_npy(path: Path, n_rows: int) -> None:
 
 
 def _write_npy_member(
-    zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: Iterator[np.ndarray]
+    zf: zipfile.ZipFile,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    chunks: Iterator[np.ndarray],
 ) -> None:
     """Stream an array into `zf` as the .npy member `name`, one chunk at a time."""
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
@@ -165,7 +170,11 @@ class FeatureWriter:
 
     For .npy the old .npy (if any) is removed first, then the new index is moved in, then the
     new .npy: a reader that finds a .npy therefore always finds its own index next to it.
+    (An interruption between those renames leaves an index and no .npy, never a mismatch.)
     """
+
+    # Limitation: a process killed with SIGKILL (no exception to clean up on) leaves its
+    # hidden ".<name>.partial-<pid>" files behind; see docs/limitations.md
 
     def __init__(self, out: Path, dim: int, capacity: int) -> None:
         self.out = Path(out)
@@ -198,9 +207,13 @@ class FeatureWriter:
             raise RuntimeError("a FeatureWriter can be entered only once")
         folder = self.out.parent
         if not folder.is_dir():
-            raise DimError(f"output folder {folder} does not exist; create it or choose another path")
+            raise DimError(
+                f"output folder {folder} does not exist; create it or choose another path"
+            )
         if self.out.is_dir():
-            raise DimError(f"output path {self.out} is a folder; give a file name ending in .{self.format}")
+            raise DimError(
+                f"output path {self.out} is a folder; give a file name ending in .{self.format}"
+            )
         try:
             self._open_temps()
         except BaseException:
@@ -283,10 +296,8 @@ class FeatureWriter:
 
     def _discard(self) -> None:
         """Close and delete every temporary file; the final name is never touched."""
-        try:
+        with contextlib.suppress(Exception):  # the files are about to be deleted anyway
             self._close_handles()
-        except Exception:
-            pass  # the files are about to be deleted anyway
         for tmp in self._temps:
             tmp.unlink(missing_ok=True)
         self._temps.clear()
@@ -352,7 +363,6 @@ class FeatureWriter:
                 _write_npy_member(zf, "paths.npy", (n,), path_dtype, path_chunks())
             raw.flush()
             os.fsync(raw.fileno())
-        del features
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -372,7 +382,9 @@ def read_features(path: Path) -> tuple[np.ndarray, list[str]]:
     path = Path(path)
     fmt = feature_format(path)
     if not path.is_file():
-        raise DimError(f"feature file {path} does not exist; check the path or create it with `dim encode`")
+        raise DimError(
+            f"feature file {path} does not exist; check the path or create it with `dim encode`"
+        )
     if fmt == "npy":
         return _read_npy(path)
     if fmt == "npz":
@@ -381,7 +393,9 @@ def read_features(path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _corrupt(path: Path, why: object) -> DimError:
-    return DimError(f"{path} is not a readable feature file ({why}); re-create it with `dim encode`")
+    return DimError(
+        f"{path} is not a readable feature file ({why}); re-create it with `dim encode`"
+    )
 
 
 def _as_feature_matrix(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -395,7 +409,9 @@ def _as_feature_matrix(arr: np.ndarray, path: Path) -> np.ndarray:
         return arr
     if arr.dtype.kind == "f":
         return np.asarray(arr, dtype=np.float32)
-    raise DimError(f"features in {path} have dtype {arr.dtype}, expected float32; save them as float32")
+    raise DimError(
+        f"features in {path} have dtype {arr.dtype}, expected float32; save them as float32"
+    )
 
 
 def _read_npy(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -421,12 +437,16 @@ def _read_index(idx: Path, n_rows: int, data_path: Path) -> list[str]:
             reader = csv.reader(f, strict=True)
             header = next(reader, None)
             if header is None or [h.strip().lower() for h in header] != ["row", "path"]:
-                raise DimError(f"index file {idx} must start with the header 'row,path', got {header}")
+                raise DimError(
+                    f"index file {idx} must start with the header 'row,path', got {header}"
+                )
             for rec in reader:
                 if not rec:
                     continue
                 if len(rec) != 2:
-                    raise DimError(f"index file {idx} line {reader.line_num}: expected 'row,path', got {rec}")
+                    raise DimError(
+                        f"index file {idx} line {reader.line_num}: expected 'row,path', got {rec}"
+                    )
                 try:
                     row = int(rec[0])
                 except ValueError:
@@ -464,6 +484,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, list[str]]:
                 )
             features = z["features"]
             paths_arr = z["paths"]
+            if not isinstance(features, np.ndarray) or not isinstance(paths_arr, np.ndarray):
+                raise _corrupt(path, "its members are not .npy arrays")
     except DimError:
         raise
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:

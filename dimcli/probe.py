@@ -10,8 +10,9 @@ held-out images. Three probes:
 - ``mlp``: the Deep InfoMax paper's non-linear probe, Linear(D, 200) - BatchNorm - Dropout(0.1)
   - ReLU - Linear(200, C), Adam lr 1e-4, batch 64.
 
-The paper's linear probe is a hinge-loss SVM; ours is logistic regression, which ranks
-features the same way in practice and gives calibrated scores for top-5.
+The paper's linear probe is a hinge-loss SVM (averaged over 5 runs); ours is logistic
+regression, a smooth loss that full-batch L-BFGS fits quickly and whose class scores give
+top-5. Its accuracies are comparable in kind to the paper's linear numbers, not identical.
 
 Labels come from a CSV (`read_labels_csv`) or from the first folder of each path
 (`labels_from_keys`); `align` matches them to feature rows by path. `run_probes` ties it
@@ -21,11 +22,12 @@ together. Every result depends only on the data and the seed.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,8 @@ from dimcli.errors import DimError
 
 PROBE_METHODS: tuple[str, ...] = ("linear", "knn", "mlp")
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# 50 epochs: enough for Adam at lr 1e-4 to settle on a few thousand images, and about
-# 8k steps (seconds on a CPU) for 10k images. Raise it for small data sets.
+# The paper fixes lr and batch but not the epochs. 50 epochs is about 6k Adam steps for 8k
+# training images (tens of seconds on a CPU); small data sets get few steps, so raise it there.
 DEFAULT_MLP_EPOCHS = 50
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -69,8 +71,8 @@ def read_labels_csv(path: Path) -> dict[str, str]:
 
     Column names are case-insensitive and may come in any order; other columns are ignored.
     UTF-8 with or without BOM, CRLF or LF line ends. Bytes that are not UTF-8 are kept as
-    surrogate escapes, so paths match names from `os.fsdecode`. Paths are normalised with
-    `normalise_path`; labels are stripped of surrounding spaces.
+    surrogate escapes, so paths match names from `os.fsdecode`. Paths and labels are stripped
+    of surrounding spaces, and paths normalised with `normalise_path`.
 
     Returns:
         {normalised path: label}
@@ -91,7 +93,7 @@ def read_labels_csv(path: Path) -> dict[str, str]:
             f"labels file {path} is empty; write a header 'path,label' and one row per image"
         )
 
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
         names = [h.strip().lower() for h in header]
@@ -109,9 +111,12 @@ def read_labels_csv(path: Path) -> dict[str, str]:
         no_label: list[int] = []
         duplicates: list[str] = []
         for rec in reader:
-            if not any(field.strip() for field in rec):
+            if not any(cell.strip() for cell in rec):
                 continue  # blank line
-            key = normalise_path(rec[i_path]) if i_path < len(rec) else ""
+            # Limitation: surrounding spaces are stripped from label paths (hand-typed CSVs
+            # put them after commas), so a file whose name starts or ends with a space
+            # cannot be labelled; see docs/limitations.md
+            key = normalise_path(rec[i_path].strip()) if i_path < len(rec) else ""
             label = rec[i_label].strip() if i_label < len(rec) else ""
             if not key:
                 no_path.append(reader.line_num)
@@ -356,18 +361,19 @@ class ProbeResult:
         return asdict(self)
 
 
-def _score(
+def result_from_scores(
     method: str,
     scores: np.ndarray,
     y_test: np.ndarray,
-    n_classes: int,
+    *,
     n_train: int,
-    class_names: Sequence[str] | None,
-    extra: dict[str, Any],
+    class_names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ProbeResult:
-    """Turn (N_test, C) class scores into a ProbeResult (argmax prediction, first max on ties)."""
+    """Score a probe from its (N_test, C) class scores: the prediction is the argmax
+    (the first class on ties), top-5 ranks by score with ties in class order."""
     n_test, c = scores.shape
-    assert c == n_classes, f"scores have {c} columns for {n_classes} classes"
+    assert n_test > 0, "no test rows to score"
     y_test = np.asarray(y_test, dtype=np.int64)
     pred = scores.argmax(axis=1)
 
@@ -399,22 +405,30 @@ def _score(
         n_train=n_train,
         n_test=n_test,
         classes=names,
-        extra=extra,
+        extra=extra if extra is not None else {},
     )
 
 
 def _check_inputs(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, n_classes: int
 ) -> None:
-    assert x_train.ndim == 2 and x_test.ndim == 2, "features must be (N, D)"
-    assert x_train.shape[1] == x_test.shape[1], "train and test features differ in width"
-    assert len(x_train) == len(y_train) and len(x_test) == len(y_test), "one label per row"
-    assert len(x_train) > 0 and len(x_test) > 0, "need train and test rows"
-    assert int(max(y_train.max(), y_test.max())) < n_classes, "class id out of range"
+    """Shapes and class ids a probe needs; a mismatch is a caller's bug, hence ValueError."""
+    if x_train.ndim != 2 or x_test.ndim != 2 or x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"features must be (N, D) alike, got {x_train.shape} and {x_test.shape}")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError("need one label per feature row")
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise ValueError("need at least one training row and one test row")
+    lo = int(min(y_train.min(), y_test.min()))
+    hi = int(max(y_train.max(), y_test.max()))
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"class ids must lie in [0, {n_classes}), got {lo}..{hi}")
 
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Zero mean, unit variance per feature, with statistics from the training rows only."""
+    x_train = np.asarray(x_train, dtype=np.float32)
+    x_test = np.asarray(x_test, dtype=np.float32)
     mean = x_train.mean(axis=0, dtype=np.float64)
     std = x_train.std(axis=0, dtype=np.float64)
     std[std < 1e-8] = 1.0  # constant features stay constant instead of exploding
@@ -434,7 +448,7 @@ def _fit_logistic(
     Minimises mean cross-entropy + l2/2 * ||W||^2 (the bias is not penalised). The problem
     is convex and starts from zeros, so the result does not depend on any seed.
     """
-    n, d = x.shape
+    _, d = x.shape
     w = torch.zeros(d, n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -505,11 +519,13 @@ def linear_probe(
         scores = (torch.from_numpy(np.ascontiguousarray(x_test)) @ w + b).numpy()
     extra = {
         "l2": chosen,
-        "l2_grid": grid,
+        "l2_grid": sorted(grid),
         "validation_accuracy": {str(k): v for k, v in val_acc.items()},
         "max_iter": max_iter,
     }
-    return _score("linear", scores, y_test, n_classes, len(x_train), class_names, extra)
+    return result_from_scores(
+        "linear", scores, y_test, n_train=len(x_train), class_names=class_names, extra=extra
+    )
 
 
 # ---- kNN -----------------------------------------------------------------------------------
@@ -561,10 +577,28 @@ def knn_probe(
             votes.scatter_add_(1, train_y[top_idx], weight)  # (B, k) -> (B, C)
             scores[start : start + len(q)] = votes
     extra = {"k": k_used, "temperature": temperature}
-    return _score("knn", scores.numpy(), y_test, n_classes, n_train, class_names, extra)
+    return result_from_scores(
+        "knn", scores.numpy(), y_test, n_train=n_train, class_names=class_names, extra=extra
+    )
 
 
 # ---- MLP -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops on one CPU thread, then restore the thread count.
+
+    Mini-batch steps of the MLP probe are too small to gain from intra-op threads; with them,
+    each step pays thread hand-off costs (ruinous when other processes share the cores), and
+    the numbers could change with the machine's core count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def mlp_probe(
@@ -585,9 +619,9 @@ def mlp_probe(
     """The paper's non-linear probe on standardised features.
 
     Linear(D, hidden) - BatchNorm1d - Dropout - ReLU - Linear(hidden, C), trained with Adam
-    for a fixed number of epochs over shuffled mini-batches. A final batch of a single row
-    is skipped (BatchNorm needs two). Initialisation, shuffling and dropout all come from
-    `seed`; torch's global RNG state is restored afterwards.
+    for a fixed number of epochs over shuffled mini-batches, on one CPU thread. A final batch
+    of a single row is skipped (BatchNorm needs two). Initialisation, shuffling and dropout
+    all come from `seed`; torch's global RNG state is restored afterwards.
     """
     _check_inputs(x_train, y_train, x_test, y_test, n_classes)
     if epochs < 1 or batch_size < 2:
@@ -599,7 +633,7 @@ def mlp_probe(
     yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
     n, d = xt.shape
 
-    with torch.random.fork_rng(devices=[]):
+    with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         order = torch.Generator().manual_seed(seed)
         model = nn.Sequential(
@@ -627,7 +661,9 @@ def mlp_probe(
         with torch.no_grad():
             scores = model(torch.from_numpy(np.ascontiguousarray(x_test))).numpy()
     extra = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "hidden": hidden}
-    return _score("mlp", scores, y_test, n_classes, n, class_names, extra)
+    return result_from_scores(
+        "mlp", scores, y_test, n_train=n, class_names=class_names, extra=extra
+    )
 
 
 ProbeFn = Callable[..., ProbeResult]
@@ -680,8 +716,8 @@ def _gather(features: np.ndarray, rows: np.ndarray, keys: Sequence[str], what: s
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
         raise DimError(
-            f"{len(bad)} {what} feature rows hold NaN or infinite values (e.g. {keys[rows[bad[0]]]!r});"
-            " re-encode those images or remove them"
+            f"{len(bad)} {what} feature rows hold NaN or infinite values"
+            f" (e.g. {keys[rows[bad[0]]]!r}); re-encode those images or remove them"
         )
     return x
 
