@@ -51,8 +51,8 @@ def local_mi(
         local: local critic output, (N, D, H, W).
         global_: global critic output, (N, D).
         estimator: "jsd", "nce" or "dv".
-        kernel: "reference", "fused" (Triton; on CPU only under TRITON_INTERPRET=1) or
-            "auto" (fused on CUDA when Triton is available, else reference).
+        kernel: "reference", "fused" (Triton; CPU tensors run the Triton interpreter, slowly,
+            for testing) or "auto" (fused on CUDA when Triton is available, else reference).
         chunk: reference path only: score at most this many rows of the batch at once, so
             the live score block is (chunk, N, HW) instead of (N, N, HW). Chunks are
             recomputed in the backward pass (activation checkpointing).
