@@ -15,22 +15,26 @@ size, offsets inside the file) before safetensors touches the data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
+from PIL import Image, ImageOps
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dimcli import __version__
-from dimcli.errors import ModelFileError
+from dimcli.data import _to_rgb, load_rgb, make_transform, normalize
+from dimcli.errors import BadImageError, ModelFileError
 from dimcli.models.encoders import ENCODERS, LAYERS, Encoder, build_encoder
 
 FORMAT = "dimcli.encoder"
@@ -49,6 +53,15 @@ _DTYPE_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+# How a conv feature map becomes a row: "none" flattens (C*H*W), "avg" averages over
+# locations (C).
+POOLS: tuple[str, ...] = ("none", "avg")
+
+# What `LoadedEncoder.preprocess` and `.encode` take: one image or a sequence of them, each a
+# PIL image, an image file path, or a uint8 tensor (3, H, W); or a uint8 batch (N, 3, H, W).
+OneImage: TypeAlias = "Image.Image | str | os.PathLike[str] | Tensor"
+Images: TypeAlias = "OneImage | Sequence[OneImage]"
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:
@@ -92,10 +105,13 @@ def save_encoder(
     )
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, fsync, then rename over `path`."""
+def atomic_write(path: Path, write: Any, *, suffix: str = ".partial") -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, fsync, then rename over `path`.
+
+    `suffix` ends the temporary name, for writers that insist on an extension (torch.export).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -185,18 +201,138 @@ class LoadedEncoder:
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (N, 3, S, S) in [0, 255] -> the float input the encoder was trained on."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        # The same function as training uses, so encode sees bit-identical inputs.
+        return normalize(images, self.mean, self.std)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are."""
+        return next(self.module.parameters()).device
+
+    def feature_dim(self, layer: str = "y", pool: str = "none") -> int:
+        """Width of the rows `encode` gives for `layer` and `pool`."""
+        _check_layer_pool(layer, pool)
+        shape = self.module.layer_dims[layer]
+        if pool == "avg":
+            return int(shape[0])  # (C, H, W) -> C
+        n = 1
+        for size in shape:
+            n *= int(size)
+        return n
+
+    def preprocess(self, images: Images) -> Tensor:
+        """Images -> the normalised float batch (N, 3, S, S) the encoder takes, on its device.
+
+        Each image goes through the same steps as in `dim encode`: files are decoded by
+        `dimcli.data.load_rgb`; PIL images get their EXIF orientation applied and are
+        converted to RGB by the same rules (transparency on white); then the shorter side is
+        resized to S and the centre S x S crop kept (the eval transform), and the result is
+        normalised with the model's mean and std. A uint8 tensor that is already S x S is
+        used as is; other sizes are resized with torchvision's tensor resize, which is close
+        to, but not bit-identical with, Pillow's.
+
+        Raises:
+            BadImageError: an image file that cannot be decoded (the message names it).
+            TypeError, ValueError: an input of the wrong type, dtype or shape.
+        """
+        return self.normalize(self._uint8_batch(images).to(self.device))
+
+    def features(self, x: Tensor, layer: str = "y", pool: str = "none") -> Tensor:
+        """Normalised float batch (N, 3, S, S) -> float32 features (N, D) at `layer`.
+
+        `layer` is "y", "fc" or "conv"; a conv map is flattened (pool "none") or averaged
+        over locations (pool "avg"). Runs under whatever grad and autocast mode is active.
+        """
+        _check_layer_pool(layer, pool)
+        out = self.module(x)[layer]
+        if pool == "avg":
+            out = out.mean(dim=(2, 3))  # (N, C, H, W) -> (N, C)
+        return out.flatten(1).float()  # (N, ...) -> (N, D)
 
     @torch.no_grad()
-    def encode(self, images: Tensor, layer: str = "y") -> Tensor:
-        """Features of a uint8 (N, 3, S, S) batch at `layer` ("y", "fc" or "conv", flattened)."""
-        if layer not in LAYERS:
-            raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
-        device = next(self.module.parameters()).device
-        out = self.module(self.normalize(images.to(device)))[layer]
-        return out.flatten(1)
+    def encode(self, images: Images, layer: str = "y", pool: str = "none") -> Tensor:
+        """Features of images, float32 (N, D), on the encoder's device; the in-memory `dim encode`.
+
+        Takes what `preprocess` takes (PIL images, file paths, uint8 tensors); rows come in
+        input order. For files, the rows equal those `dim encode` writes for them.
+
+        Example::
+
+            import dimcli
+            from PIL import Image, ImageOps
+
+            enc = dimcli.load_encoder("runs/latest")
+            y = enc.encode([Image.open("cat.jpg"), "dog.png"])  # (2, 64)
+            conv = enc.encode("cat.jpg", layer="conv", pool="avg")  # (1, channels)
+            x = enc.preprocess(Image.open("cat.jpg"))  # (1, 3, S, S), to call enc.module(x)
+        """
+        return self.features(self.preprocess(images), layer, pool)
+
+    def _uint8_batch(self, images: Images) -> Tensor:
+        """Images -> uint8 (N, 3, S, S) on the CPU, each shaped by the eval transform."""
+        s = self.image_size
+        if isinstance(images, Tensor) and images.dim() == 4:
+            _check_uint8(images)
+            _, _, h, w = images.shape  # (N, 3, H, W)
+            if (h, w) == (s, s):
+                return images.cpu()
+            items: Sequence[OneImage] = list(images.cpu())
+        elif isinstance(images, (Image.Image, str, os.PathLike, Tensor)):
+            items = [images]
+        else:
+            items = list(images)
+        if not items:
+            raise ValueError("no images given; pass at least one image")
+
+        transform = make_transform(s, "none", train=False)
+        batch = []
+        for item in items:
+            if isinstance(item, Tensor):
+                _check_uint8(item)
+                batch.append(transform(item.cpu()))
+            elif isinstance(item, Image.Image):
+                batch.append(transform(_pil_rgb(item)))
+            elif isinstance(item, (str, os.PathLike)):
+                try:
+                    image = load_rgb(os.fspath(item), transform.resize_to)
+                except BadImageError as err:
+                    raise BadImageError(f"{os.fsdecode(item)}: {err}") from None
+                batch.append(transform(image))
+            else:
+                raise TypeError(
+                    f"cannot encode a {type(item).__name__}; pass PIL images, image file "
+                    "paths or uint8 tensors (3, H, W)"
+                )
+        return torch.stack(batch)  # N x (3, S, S) -> (N, 3, S, S)
+
+
+def _check_layer_pool(layer: str, pool: str) -> None:
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if pool == "avg" and layer != "conv":
+        raise ValueError(f"pool 'avg' applies to layer 'conv' only, got layer {layer!r}")
+
+
+def _pil_rgb(image: Image.Image) -> Image.Image:
+    """An in-memory image as `load_rgb` would give it from a file: upright, 8-bit RGB."""
+    # A damaged EXIF block only loses the orientation, as in load_rgb.
+    with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError, TypeError, IndexError):
+        image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def _check_uint8(images: Tensor) -> None:
+    if images.dtype != torch.uint8:
+        raise TypeError(
+            f"image tensors must be uint8 in [0, 255], got {images.dtype}; convert float images "
+            "in [0, 1] with (x * 255).round().to(torch.uint8)"
+        )
+    if images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(
+            f"image tensors must be (3, H, W) or (N, 3, H, W) RGB, got shape {tuple(images.shape)}"
+        )
 
 
 def load_encoder(

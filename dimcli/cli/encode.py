@@ -1,0 +1,108 @@
+"""`dim encode IMAGES -o feats.npy`: features of every image of a folder, streamed to a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from dimcli.cli._app import command
+from dimcli.encode import encode_folder
+from dimcli.errors import UsageError
+
+
+@command("encode")
+def encode(
+    images: Annotated[
+        Path, typer.Argument(help="Folder of images to encode (searched recursively).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Feature file; the extension picks the format: .npy (+ <stem>.index.csv "
+            "naming each row's image), .npz (features + paths) or .csv (path, f0, f1, ...).",
+        ),
+    ] = Path("feats.npy"),
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="Run folder of `dim train` or a .safetensors file."),
+    ] = "runs/latest",
+    layer: Annotated[
+        Literal["y", "fc", "conv"],
+        typer.Option(help="Layer to read: the representation y, the fc layer, or the conv map."),
+    ] = "y",
+    pool: Annotated[
+        Literal["none", "avg"],
+        typer.Option(
+            help="With --layer conv: none flattens the map (C*H*W values), avg averages it "
+            "over locations (C values)."
+        ),
+    ] = "none",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    workers: Annotated[
+        str, typer.Option(help="Decoding processes, or auto (one per CPU less one, at most 8).")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16"],
+        typer.Option(help="auto = bf16 autocast on CUDA, fp32 elsewhere. Rows are float32."),
+    ] = "auto",
+    on_bad_image: Annotated[
+        Literal["skip", "fail"],
+        typer.Option(
+            help="skip: leave undecodable images out and list them in <stem>.skipped.txt "
+            "beside the output; fail: stop at the first one."
+        ),
+    ] = "skip",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            "--force",
+            help="Replace an existing output file (it is replaced only once encoding succeeds).",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no summary line.")
+    ] = False,
+) -> None:
+    """Encode a folder of images with a trained encoder, one feature row per image.
+
+    Rows follow the sorted image paths.
+    The output appears only once every image is done: an interrupted encode leaves none.
+    An existing output is kept unless --overwrite is given.
+    """
+    result = encode_folder(
+        images,
+        out,
+        model=model,
+        layer=layer,
+        pool=pool,
+        batch_size=batch_size,
+        workers=parse_workers(workers),
+        device=device,
+        precision=precision,
+        on_bad_image=on_bad_image,
+        progress=not quiet,
+        overwrite=overwrite,
+    )
+    if not quiet:
+        typer.echo(result.summary())
+
+
+def parse_workers(value: str) -> int | None:
+    """--workers: "auto" -> None (pick from the CPU count), else a count >= 0."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise UsageError(
+            f"--workers must be auto or a number of processes, got {value!r}"
+        ) from None
+    if count < 0:
+        raise UsageError(f"--workers must be 0 (decode in the main process) or more, got {count}")
+    return count
