@@ -115,6 +115,8 @@ def atomic_write(path: Path, write: Any, *, suffix: str = ".partial") -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; model files are meant to be shared, so follow the umask.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -132,6 +134,12 @@ def atomic_write(path: Path, write: Any, *, suffix: str = ".partial") -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

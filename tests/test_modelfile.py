@@ -218,3 +218,11 @@ def test_missing_model_names_the_fix(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFileError, match="folder without encoder.safetensors"):
         resolve_model_path(tmp_path / "empty")
+
+
+def test_model_file_permissions_follow_the_umask(model_file: Path) -> None:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert model_file.stat().st_mode & 0o777 == 0o666 & ~mask
