@@ -115,9 +115,9 @@ def atomic_write(path: Path, write: Any, *, suffix: str = ".partial") -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp creates 0600; model files are meant to be shared, so follow the umask.
-        os.chmod(tmp, 0o666 & ~_current_umask())
         write(tmp)
+        # mkstemp (and some writers) create 0600; model files are shared, so follow the umask.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
