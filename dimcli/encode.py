@@ -13,8 +13,8 @@ The flow, in the order data moves:
    them into place only when every batch is done; an interrupted encode leaves nothing under
    the output's name.
 
-`encode_batches` only needs an iterable of `Batch`es and a row sink, so a multi-process
-encode can run it on each rank's share of the folder.
+Under torchrun (or `dim encode --nproc-per-node K`) every process encodes every K-th batch and
+rank 0 alone writes the rows, in folder order (`dimcli.distributed.encode_rounds`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from rich.progress import (
 )
 from torch import Tensor
 
-from dimcli import train
+from dimcli import distributed, train
 from dimcli.data import (
     Batch,
     ImageFolder,
@@ -377,11 +377,19 @@ def encode_folder(
     if workers is not None and workers < 0:
         raise UsageError(f"workers must be 0 (decode in the main process) or more, got {workers}")
     skip_log = SkipLog(on_bad_image)
-    if out.exists() and not overwrite:
-        raise DimError(
-            f"output {out} already exists; pass --overwrite to replace it or choose another -o"
-        )
-    torch_device = resolve_device(device)
+
+    def refuse_existing() -> None:
+        if out.exists() and not overwrite:
+            raise DimError(
+                f"output {out} already exists; pass --overwrite to replace it or choose another -o"
+            )
+
+    # One process, or one of torchrun's: then rank 0 alone checks the output and writes it.
+    ctx = distributed.setup(device)
+    ctx.on_main(refuse_existing)
+    if not ctx.is_main:
+        skip_log.warn = _silent
+    torch_device = ctx.device if ctx.device is not None else resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
     loaded = model if isinstance(model, LoadedEncoder) else load_encoder(model)
 
@@ -389,7 +397,8 @@ def encode_folder(
     dataset = ImageFolder(images, transform=make_transform(loaded.image_size, "none", train=False))
     ensure_readable(dataset)
     n_batches = math.ceil(len(dataset) / batch_size)
-    n_workers = min(auto_workers() if workers is None else workers, n_batches)
+    rounds = math.ceil(n_batches / ctx.world_size)  # batches per process
+    n_workers = min(auto_workers() if workers is None else workers, rounds)
     loader = make_loader(
         dataset,
         batch_size,
@@ -398,6 +407,11 @@ def encode_folder(
         workers=n_workers,
         device=torch_device,
         seed=0,
+        sampler=(
+            distributed.RoundRobinBatches(len(dataset), batch_size, ctx.rank, ctx.world_size)
+            if ctx.enabled
+            else None
+        ),
     )
     embed = BatchEmbedder(loaded, layer, pool, torch_device, autocast_dtype)
 
@@ -406,27 +420,45 @@ def encode_folder(
     # hidden `.<name>.partial-<pid>` files stay beside the output (never under its name) until
     # removed by hand; see docs/limitations.md
     with (
-        _Progress(len(dataset), progress) as bar,
-        FeatureWriter(out, dim=embed.dim, capacity=len(dataset)) as writer,
+        _Progress(len(dataset), progress and ctx.is_main) as bar,
+        (
+            FeatureWriter(out, dim=embed.dim, capacity=len(dataset))
+            if ctx.is_main
+            else contextlib.nullcontext()
+        ) as writer,
     ):
-        n_rows = encode_batches(
-            loader,
-            embed=embed,
-            keys=dataset.keys,
-            sink=writer,
-            skip_log=skip_log,
-            on_batch=bar.advance,
-        )
+        if ctx.enabled:
+            n_rows = distributed.encode_rounds(
+                loader,
+                rounds=rounds,
+                embed=embed,
+                keys=dataset.keys,
+                sink=writer,
+                skip_log=skip_log,
+                on_batch=bar.advance,
+                ctx=ctx,
+            )
+        else:
+            assert writer is not None, "a single process is rank 0"
+            n_rows = encode_batches(
+                loader,
+                embed=embed,
+                keys=dataset.keys,
+                sink=writer,
+                skip_log=skip_log,
+                on_batch=bar.advance,
+            )
     seconds = time.perf_counter() - bar.start
 
     # ==== list the skipped images beside the output (a stale list would mislead) ====
     skipped_file = skipped_list_path(out)
-    if skip_log.entries:
+    if ctx.is_main and skip_log.entries:
         # SkipLog writes its list under FILE_NAME in a folder; name it after the output.
         skip_log.FILE_NAME = skipped_file.name
         skip_log.write(skipped_file.parent)
-    else:
+    elif ctx.is_main:
         skipped_file.unlink(missing_ok=True)
+    ctx.barrier()  # the output is in place on every rank's return
     return EncodeResult(
         n_rows=n_rows,
         dim=embed.dim,
@@ -435,3 +467,7 @@ def encode_folder(
         out=out,
         skipped_file=skipped_file if skip_log.entries else None,
     )
+
+
+def _silent(_message: str) -> None:
+    """Warnings of processes other than rank 0 (rank 0 reports every rank's bad files)."""

@@ -127,19 +127,7 @@ def _reference_local_mi(
     lv = local.reshape(n, d, hw).to(dtype)  # (N, D, HW)
     gv = global_.to(dtype)  # (N, D)
 
-    rows = n if chunk is None else max(1, min(int(chunk), n))
-    pos_parts, neg_parts = [], []
-    for start in range(0, n, rows):
-        g_rows = gv[start : start + rows]
-        if rows < n and torch.is_grad_enabled() and (g_rows.requires_grad or lv.requires_grad):
-            # Recompute the (rows, N, HW) block in backward instead of keeping every block.
-            pos, neg = checkpoint(_row_stats, g_rows, lv, start, estimator, use_reentrant=False)
-        else:
-            pos, neg = _row_stats(g_rows, lv, start, estimator)
-        pos_parts.append(pos)
-        neg_parts.append(neg)
-    pos = torch.cat(pos_parts)
-    neg = torch.cat(neg_parts)
+    pos, neg = _score_rows(gv, lv, 0, estimator, chunk)
 
     n_neg = n * (n - 1) * hw
     if estimator == "jsd":
@@ -156,6 +144,78 @@ def _reference_local_mi(
         loss = -pos.sum() / (n * hw) + torch.logsumexp(neg, dim=0) - math.log(n_neg)
         estimate = -loss
     return loss, estimate.detach()
+
+
+def local_mi_rows(
+    local: Tensor,
+    global_rows: Tensor,
+    row_start: int,
+    estimator: str,
+    *,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of rows row_start .. row_start + R of a batch, scored against all of it.
+
+    Row i is the global vector of image row_start + i; its positives are that image's locations
+    and every other image of the batch is a negative. The reference path of `local_mi` combines
+    these statistics over all N rows; a multi-process run with global negatives
+    (`dimcli.distributed`) computes them for its own rows against the local maps gathered from
+    every process, and combines them across processes.
+
+    Args:
+        local: local critic output of the whole batch, (N, D, H, W).
+        global_rows: global critic output of the R rows, (R, D).
+        row_start: batch index of the first row (0 <= row_start <= N - R).
+        estimator: "jsd", "nce" or "dv".
+        chunk: score at most this many rows at once (recomputed in backward), as in `local_mi`.
+
+    Returns:
+        (pos, neg), float32 (float64 for float64 inputs):
+        jsd: (R,) sums of sp(-s[i,i,k]) over k, and (R,) sums of sp(s[i,j,k]) over j != i, k;
+        nce: (R, HW) positive scores, and (R,) log-sum-exp of each row's negatives;
+        dv: (R,) sums of s[i,i,k] over k, and (R,) log-sum-exp of each row's negatives.
+
+    Raises:
+        ValueError: bad shapes, rows outside the batch, a batch of fewer than 2, an unknown
+            estimator.
+    """
+    if global_rows.dim() != 2:
+        raise ValueError(f"global_rows must be (R, D), got {tuple(global_rows.shape)}")
+    r, d = global_rows.shape
+    if local.dim() != 4 or local.shape[1] != d:
+        raise ValueError(
+            f"local must be (N, D, H, W) with D = {d} like global_rows, got {tuple(local.shape)}"
+        )
+    n, _, h, w = local.shape
+    if not 0 <= row_start <= n - r:
+        raise ValueError(f"rows {row_start} .. {row_start + r - 1} are outside a batch of {n}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if n < 2:
+        raise ValueError(f"batch size must be at least 2 to have negatives, got {n}")
+    dtype = torch.promote_types(local.dtype, torch.float32)
+    lv = local.reshape(n, d, h * w).to(dtype)  # (N, D, HW)
+    return _score_rows(global_rows.to(dtype), lv, row_start, estimator, chunk)
+
+
+def _score_rows(
+    g_rows: Tensor, lv: Tensor, row_start: int, estimator: str, chunk: int | None
+) -> tuple[Tensor, Tensor]:
+    """`_row_stats` of every row, a block of `chunk` rows at a time."""
+    r = g_rows.shape[0]
+    rows = r if chunk is None else max(1, min(int(chunk), r))
+    pos_parts, neg_parts = [], []
+    for start in range(0, r, rows):
+        block = g_rows[start : start + rows]
+        at = row_start + start
+        if rows < r and torch.is_grad_enabled() and (block.requires_grad or lv.requires_grad):
+            # Recompute the (rows, N, HW) block in backward instead of keeping every block.
+            pos, neg = checkpoint(_row_stats, block, lv, at, estimator, use_reentrant=False)
+        else:
+            pos, neg = _row_stats(block, lv, at, estimator)
+        pos_parts.append(pos)
+        neg_parts.append(neg)
+    return torch.cat(pos_parts), torch.cat(neg_parts)
 
 
 def _row_stats(g_rows: Tensor, lv: Tensor, start: int, estimator: str) -> tuple[Tensor, Tensor]:

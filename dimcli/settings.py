@@ -302,7 +302,9 @@ def load_settings(
     return validate_settings(merged, sources)
 
 
-def validate_settings(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> TrainSettings:
+def validate_settings(
+    values: Mapping[str, Any], sources: Mapping[str, str] | None = None
+) -> TrainSettings:
     """Build `TrainSettings`, turning a ValidationError into one UsageError line per problem."""
     try:
         return TrainSettings(**values)

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import os
 
-from dimcli.cli._app import app
+from dimcli.cli import demo as _demo  # noqa: F401
+from dimcli.cli import encode as _encode  # noqa: F401
+from dimcli.cli import export as _export  # noqa: F401
+from dimcli.cli import probe as _probe  # noqa: F401
+from dimcli.cli import report as _report  # noqa: F401
 
 # Importing a command module registers its command (one import per line).
 # ---- commands ----
+from dimcli.cli import train as _train  # noqa: F401
+from dimcli.cli._app import app
+
 # ---- end commands ----
 
 __all__ = ["app", "main"]

@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 
 import typer
 
+from dimcli import distributed
 from dimcli.cli._app import command
 from dimcli.encode import encode_folder
-from dimcli.errors import UsageError
+from dimcli.errors import DimError, UsageError
 
 
 @command("encode")
@@ -68,6 +69,14 @@ def encode(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress and no summary line.")
     ] = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            help="Encode with this many processes on this node (one per GPU, or CPU "
+            "processes), started by torchrun's launcher; see docs/distributed.md.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Encode a folder of images with a trained encoder, one feature row per image.
 
@@ -75,21 +84,49 @@ def encode(
     The output appears only once every image is done: an interrupted encode leaves none.
     An existing output is kept unless --overwrite is given.
     """
-    result = encode_folder(
-        images,
-        out,
-        model=model,
-        layer=layer,
-        pool=pool,
-        batch_size=batch_size,
-        workers=parse_workers(workers),
-        device=device,
-        precision=precision,
-        on_bad_image=on_bad_image,
-        progress=not quiet,
-        overwrite=overwrite,
-    )
-    if not quiet:
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if nproc_per_node is not None and nproc_per_node > 1 and not distributed.in_worker():
+        # Start the processes; each runs this command again without --nproc-per-node.
+        args = distributed.option_args(
+            {
+                "out": out,
+                "model": model,
+                "layer": layer,
+                "pool": pool,
+                "batch_size": batch_size,
+                "workers": workers,
+                "device": device,
+                "precision": precision,
+                "on_bad_image": on_bad_image,
+                "overwrite": overwrite or None,
+                "quiet": quiet or None,
+            }
+        )
+        code = distributed.launch(["encode", *args, "--", str(images)], nproc_per_node)
+        if code:
+            raise typer.Exit(code)
+        return
+    try:
+        result = encode_folder(
+            images,
+            out,
+            model=model,
+            layer=layer,
+            pool=pool,
+            batch_size=batch_size,
+            workers=parse_workers(workers),
+            device=device,
+            precision=precision,
+            on_bad_image=on_bad_image,
+            progress=not quiet,
+            overwrite=overwrite,
+        )
+    except DimError as err:
+        if not distributed.is_main_process():
+            raise typer.Exit(err.exit_code) from None  # rank 0 prints the error
+        raise
+    if not quiet and distributed.is_main_process():
         typer.echo(result.summary())
 
 

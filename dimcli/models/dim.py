@@ -8,6 +8,7 @@ its own optimiser and step (see `dimcli.models.prior`), and is passed in to `for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,10 @@ from torch import Tensor, nn
 from dimcli.models.critics import MIBlock
 from dimcli.models.encoders import Encoder
 from dimcli.models.prior import prior_loss
-from dimcli.objectives import ESTIMATORS, KERNELS, global_mi, local_mi
+from dimcli.objectives import ESTIMATORS, KERNELS, local_mi
+
+# (local (N, u, H, W), global (N, u), estimator) -> (loss, estimate), like `local_mi`.
+Scorer = Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor]]
 
 # (alpha, beta, gamma) of the paper's headline models.
 PRESETS: dict[str, tuple[float, float, float]] = {
@@ -77,6 +81,9 @@ class DIMModel(nn.Module):
         self.estimator = estimator
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.kernel = kernel
+        # None scores each batch against itself. A multi-process run with global negatives
+        # sets `dimcli.distributed.GlobalNegatives` here, which scores against every process.
+        self.scorer: Scorer | None = None
         c, m, _ = encoder.local_shape
         d = encoder.feature_dim
         if beta > 0:
@@ -97,17 +104,14 @@ class DIMModel(nn.Module):
         if self.beta > 0:
             l_emb = self.local_critic(local_map)  # (N, u, M, M)
             g_emb = self.local_y_critic(y)  # (N, u)
-            terms["local"], estimates["mi_local"] = local_mi(
-                l_emb, g_emb, self.estimator, kernel=self.kernel
-            )
+            terms["local"], estimates["mi_local"] = self.score(l_emb, g_emb)
             total = total + self.beta * terms["local"]
 
         if self.alpha > 0:
             map_emb = self.map_critic(local_map.flatten(1))  # (N, C*M*M) -> (N, u)
             y_emb = self.global_y_critic(y)  # (N, u)
-            terms["global"], estimates["mi_global"] = global_mi(
-                y_emb, map_emb, self.estimator, kernel=self.kernel
-            )
+            # The global term is the local one with a single location (see `global_mi`).
+            terms["global"], estimates["mi_global"] = self.score(map_emb[:, :, None, None], y_emb)
             total = total + self.alpha * terms["global"]
 
         if self.gamma > 0:
@@ -117,3 +121,9 @@ class DIMModel(nn.Module):
             total = total + self.gamma * terms["prior"]
 
         return LossTerms(total=total, terms=terms, estimates=estimates, y=y)
+
+    def score(self, local: Tensor, global_: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, estimate) of local embeddings (N, u, H, W) against global ones (N, u)."""
+        if self.scorer is not None:
+            return self.scorer(local, global_, self.estimator)
+        return local_mi(local, global_, self.estimator, kernel=self.kernel)
