@@ -95,6 +95,10 @@ class TrainSettings(BaseModel):
     channels_last: bool | None = None
     """Channels-last memory format for convolutions; None (auto) decides per device."""
     compile: bool = False
+    negatives: Literal["global", "local"] = "global"
+    """Multi-process runs: score against the whole global batch, or each process's own share."""
+    sync_bn: bool = False
+    """Multi-process runs on CUDA: BatchNorm statistics over the global batch."""
 
     # ---- run folder ----
     out: Path | None = None

@@ -11,9 +11,11 @@ A run folder holds:
 Beside the run folder, `latest` (a relative symlink, or a text file `LATEST` holding the
 name where symlinks are not supported) names the newest run; `--resume latest` follows it.
 
-The loop is split so that distributed training can slot in: `train_step` does the work of one
-batch given the models and optimisers, `build_sampler` is the only place the data order is
-made, and every file or console write sits behind `_Run.is_main`.
+Under torchrun (or `dim train --nproc-per-node K`) every process runs `train`: rank 0 picks the
+run folder and alone writes files and prints, `EpochSampler` gives each process its slice of
+every global batch, the two players are wrapped in DistributedDataParallel
+(`dimcli.distributed.wrap_models`), and every decision that must be the same on all processes
+(stop, skip a batch, skip a non-finite step) is agreed on with one small collective.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from dimcli import __version__, data
+from dimcli import __version__, data, distributed
 from dimcli.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from dimcli.errors import DimError, NonFiniteLossError, UsageError
 from dimcli.models import DIMModel, PriorDiscriminator, build_encoder, discriminator_loss
@@ -192,14 +194,23 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class EpochSampler(Sampler[int]):
     """A fresh permutation per epoch, seeded by (seed, epoch), that can start mid-epoch.
 
-    `set_epoch(epoch, start_batch)` skips the first `start_batch` batches of that epoch's
-    order without touching their images, which is how a resumed run picks up where it was.
+    The permutation is cut into global batches of `batch_size` (an incomplete last one is
+    dropped); process `rank` of `world_size` takes the contiguous slice `rank` of each, so the
+    slices of all processes, in rank order, are the global batch. `set_epoch(epoch,
+    start_batch)` skips the first `start_batch` global batches without touching their images,
+    which is how a resumed run picks up where it was, whatever its number of processes.
     """
 
-    def __init__(self, size: int, *, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, size: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of {world_size}")
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank
+        self.per_rank = batch_size // world_size
         self.epoch = 0
         self.start_batch = 0
 
@@ -215,16 +226,23 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.size, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
-        skip = self.start_batch * self.batch_size
-        return iter(self.order(self.epoch)[skip:].tolist())
+        full = self.size // self.batch_size
+        lo = self.rank * self.per_rank
+        order = self.order(self.epoch)[: full * self.batch_size].view(full, self.batch_size)
+        # (batches, batch_size) -> this process's columns of the batches still to come
+        return iter(order[self.start_batch :, lo : lo + self.per_rank].reshape(-1).tolist())
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start_batch * self.batch_size)
+        return max(0, self.size // self.batch_size - self.start_batch) * self.per_rank
 
 
-def build_sampler(size: int, settings: TrainSettings) -> EpochSampler:
-    """The data order of a run (the one place it is made)."""
-    return EpochSampler(size, batch_size=settings.batch_size, seed=settings.seed)
+def build_sampler(
+    size: int, settings: TrainSettings, rank: int = 0, world: int = 1
+) -> EpochSampler:
+    """The data order of a run (the one place it is made), as process `rank` of `world` sees it."""
+    return EpochSampler(
+        size, batch_size=settings.batch_size, seed=settings.seed, rank=rank, world_size=world
+    )
 
 
 # ==== one step ====
@@ -232,10 +250,16 @@ def build_sampler(size: int, settings: TrainSettings) -> EpochSampler:
 
 @dataclass
 class Models:
-    """The trained modules: encoder + critics, and the prior discriminator when gamma > 0."""
+    """The trained modules: encoder + critics, and the prior discriminator when gamma > 0.
+
+    In a multi-process run `dim_ddp` and `disc_ddp` are their DistributedDataParallel wrappers,
+    which the step calls instead; the bare modules stay the ones saved and loaded.
+    """
 
     dim: DIMModel
     disc: PriorDiscriminator | None
+    dim_ddp: nn.Module | None = None
+    disc_ddp: nn.Module | None = None
 
 
 @dataclass
@@ -257,6 +281,8 @@ class StepConfig:
     gp_weight: float
     mean: tuple[float, ...] = data.PAPER_MEAN
     std: tuple[float, ...] = data.PAPER_STD
+    # ORs flags over every process (`DistContext.any`), so that all of them skip a step together.
+    any_process: Callable[..., list[bool]] | None = None
 
 
 @dataclass
@@ -289,7 +315,8 @@ def train_step(models: Models, opts: Optimizers, images: Tensor, cfg: StepConfig
         else contextlib.nullcontext()
     )
     with autocast:
-        out = models.dim(x, discriminator=models.disc)
+        dim_model = models.dim_ddp if models.dim_ddp is not None else models.dim
+        out = dim_model(x, discriminator=models.disc)
     scalars: dict[str, Tensor] = {"loss_total": out.total}
     scalars.update({f"loss_{name}": term for name, term in out.terms.items()})
 
@@ -297,14 +324,18 @@ def train_step(models: Models, opts: Optimizers, images: Tensor, cfg: StepConfig
     disc_loss: Tensor | None = None
     if models.disc is not None:
         assert out.y is not None, "DIMModel.forward must return y"
-        disc_loss = discriminator_loss(models.disc, out.y, cfg.gp_weight)
+        disc = models.disc_ddp if models.disc_ddp is not None else models.disc
+        disc_loss = discriminator_loss(disc, out.y, cfg.gp_weight)
         scalars["loss_disc"] = disc_loss
     scalars.update(out.estimates)
 
     # ---- one device sync: every scalar to the host, checked before any update ----
     host = torch.stack([v.detach().float().reshape(()) for v in scalars.values()]).cpu()
     values = dict(zip(scalars, host.tolist(), strict=True))
-    bad = [name for name, v in values.items() if not math.isfinite(v)]
+    flags = [not math.isfinite(v) for v in values.values()]
+    if cfg.any_process is not None:
+        flags = cfg.any_process(*flags)  # a term bad on any process stops every process's step
+    bad = [name for name, flag in zip(values, flags, strict=True) if flag]
     if bad:
         with torch.no_grad():
             for buffer, saved in zip(models.dim.buffers(), buffers, strict=True):
@@ -572,12 +603,18 @@ class _Meter:
         self.images += images
         self.wait += wait
 
-    def record(self, kind: str, **extra: Any) -> dict[str, Any]:
+    def record(
+        self, kind: str, ctx: distributed.DistContext | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """The interval's line; with `ctx`, over every process (a collective: all must call)."""
+        sums, images, wait = self.sums, self.images, self.wait
+        if ctx is not None:
+            sums, images, wait = ctx.reduce_meter(sums, images, wait)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rec: dict[str, Any] = {"kind": kind, **extra}
-        rec["images_per_s"] = self.images / elapsed
-        rec["data_wait"] = min(1.0, self.wait / elapsed)
-        rec.update({k: v / max(self.steps, 1) for k, v in self.sums.items()})
+        rec["images_per_s"] = images / elapsed
+        rec["data_wait"] = min(1.0, wait / elapsed)
+        rec.update({k: v / max(self.steps, 1) for k, v in sums.items()})
         return rec
 
 
@@ -623,8 +660,13 @@ class _Run:
     precision: str
     channels_last: bool
     workers: int
-    is_main: bool = True
     resumed: bool = False
+    ctx: distributed.DistContext = field(default_factory=distributed.DistContext)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that prints and writes files (the only one, without torchrun)."""
+        return self.ctx.is_main
 
 
 def _prepare(settings: TrainSettings) -> tuple[TrainSettings, Path, bool]:
@@ -739,6 +781,7 @@ def _resolved(run: _Run, num_images: int) -> dict[str, Any]:
         "precision": run.precision,
         "channels_last": run.channels_last,
         "workers": run.workers,
+        "world_size": run.ctx.world_size,
         "num_images": num_images,
     }
 
@@ -789,8 +832,10 @@ def train(
         NonFiniteLossError: a NaN/inf loss under `on_nonfinite="fail"`.
     """
     console = console or Console()
-    settings, run_dir, resuming = _prepare(settings)
-    device = resolve_device(settings.device)
+    # Under torchrun every process gets here; rank 0 alone decides the run folder.
+    ctx = distributed.setup(settings.device)
+    settings, run_dir, resuming = ctx.on_main(lambda: _prepare(settings))
+    device = ctx.device if ctx.device is not None else resolve_device(settings.device)
     run = _Run(
         settings=settings,
         run_dir=run_dir,
@@ -799,6 +844,7 @@ def train(
         channels_last=resolve_channels_last(settings.channels_last, device),
         workers=data.auto_workers() if settings.workers is None else settings.workers,
         resumed=resuming,
+        ctx=ctx,
     )
     with _determinism(settings.deterministic), _StopRequest() as stop:
         session = _Session(run, console, verbosity, stop)
@@ -828,14 +874,17 @@ class _Session:
         self.console = console
         self.verbosity = verbosity if run.is_main else -2
         self.display = _Display(console, self.verbosity)
+        # Rank 0 hears of every process's bad files (see `next_batch`) and alone warns.
+        warn = self.display.warn if run.is_main else _ignore
         self.started = time.perf_counter()
+        ctx = run.ctx
 
         # ==== data ====
         assert s.images is not None, "validated settings always name the image folder"
         self.image_size = s.resolved_image_size()
         augment = s.resolved_augment()
         transform = data.make_transform(self.image_size, augment, train=True)
-        self.dataset = data.ImageFolder(s.images, transform=transform, warn=self.display.warn)
+        self.dataset = data.ImageFolder(s.images, transform=transform, warn=warn)
         data.ensure_readable(self.dataset)
         n = len(self.dataset)
         if n < s.batch_size:
@@ -843,27 +892,37 @@ class _Session:
                 f"{n} images in {s.images} but the batch size is {s.batch_size}; "
                 f"lower --batch-size to at most {n} or add images"
             )
-        self.sampler = build_sampler(n, s)
+        per_process = distributed.split_batch(s.batch_size, ctx.world_size)
+        self.sampler = build_sampler(n, s, ctx.rank, ctx.world_size)
         # Limitation: with workers > 0, random augmentations draw from per-worker generators
         # that restart on resume, so a resumed run matches an uninterrupted one exactly only
         # with workers=0 or augment "none"; see docs/limitations.md
         self.loader = data.make_loader(
             self.dataset,
-            s.batch_size,
+            per_process,
             shuffle=False,
             drop_last=True,
             workers=run.workers,
             device=run.device,
-            seed=s.seed,
+            seed=ctx.rank_seed(s.seed),
             sampler=self.sampler,
         )
         self.steps_per_epoch = n // s.batch_size
         self.epochs_limit = s.resolved_epochs()
-        self.skiplog = data.SkipLog(s.on_bad_image, warn=self.display.warn)
+        self.skiplog = data.SkipLog(s.on_bad_image, warn=warn)
 
-        # ==== models, seeded so that a run is reproducible ====
+        # ==== models, seeded so that a run is reproducible (and alike on every process) ====
         _seed_everything(s.seed)
         self.models, self.opts = _build(run)
+        if ctx.enabled:
+            self.models.dim_ddp, self.models.disc_ddp = distributed.wrap_models(
+                self.models.dim,
+                self.models.disc,
+                ctx,
+                negatives=s.negatives,
+                sync_bn=s.sync_bn,
+            )
+        ctx.seed_process(s.seed, 0)
 
         # ==== counters (a checkpoint overwrites them) ====
         self.step = 0  # optimisation steps done
@@ -882,7 +941,9 @@ class _Session:
 
     def restore(self) -> None:
         """Load the run's checkpoint, if there is one, into models, optimisers and counters."""
-        ckpt = load_checkpoint(self.run.run_dir)
+        # Rank 0 reads it and hands it to the others: the run folder need only be where it runs.
+        run_dir = self.run.run_dir
+        ckpt = self.run.ctx.on_main(lambda: load_checkpoint(run_dir))
         if ckpt is None:
             return  # the run folder was made but no step was saved: start from step 0
         s, st, models, opts = self.s, ckpt.state, self.models, self.opts
@@ -908,13 +969,14 @@ class _Session:
         self.skipped_steps = int(prog["skipped_steps"])
         self.elapsed_before = float(prog["elapsed"])
         # Re-record earlier bad files silently, so skipped.txt keeps them.
-        self.skiplog.warn = _ignore
+        warn, self.skiplog.warn = self.skiplog.warn, _ignore
         for key, reason in st.get("skipped", []):
             self.skiplog.record(str(key), str(reason))
-        self.skiplog.warn = self.display.warn
+        self.skiplog.warn = warn
         self.resumed_from = self.last_saved = self.step
         # Last: building the loader and the models above drew from the generators.
         restore_rng(st["rng"])
+        self.run.ctx.seed_process(s.seed, self.step)
 
     # ---- files ----
 
@@ -1013,6 +1075,7 @@ class _Session:
             amp_dtype=_AMP_DTYPES.get(run.precision),
             channels_last=run.channels_last,
             gp_weight=s.gp_weight,
+            any_process=run.ctx.any if run.ctx.enabled else None,
         )
         self.announce()
         display.start(self.total_steps(), self.step)
@@ -1021,13 +1084,13 @@ class _Session:
             self.models.disc.train()
         interval = _Meter()
         try:
-            while not self.finished() and self.stop.signum is None:
+            while not self.finished() and not self.stopping():
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 batches = iter(self.loader)
                 # Limitation: after a resume mid-epoch, that epoch's metrics line averages only
                 # the steps of this session; see docs/limitations.md
                 epoch_meter = _Meter()
-                while not self.finished() and self.stop.signum is None:
+                while not self.finished() and not self.stopping():
                     # ---- data: next batch, to the device ----
                     t0 = time.perf_counter()
                     try:
@@ -1039,11 +1102,12 @@ class _Session:
                             break  # workers went down with the same Ctrl-C; stop cleanly
                         raise
                     self.batch_in_epoch += 1
-                    self.skiplog.record_batch(batch, self.dataset.keys)
-                    if len(batch) < 2:
+                    fewest, step_images = self.check_batch(batch)
+                    if fewest < 2:
+                        where = " on some process" if run.ctx.enabled else ""
                         display.warn(
                             f"batch {self.batch_in_epoch} of epoch {self.epoch + 1} has fewer "
-                            "than 2 readable images; skipped"
+                            f"than 2 readable images{where}; skipped"
                         )
                         continue
                     images = batch.images.to(run.device, non_blocking=True)
@@ -1052,7 +1116,7 @@ class _Session:
                     # ---- the step ----
                     out = train_step(self.models, self.opts, images, cfg)
                     self.step += 1
-                    self.session_images += len(batch)
+                    self.session_images += step_images
                     if out.bad:
                         self.on_nonfinite(out)
                     else:
@@ -1072,7 +1136,7 @@ class _Session:
                 # ---- end of epoch: every batch of its order consumed ----
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     if epoch_meter.steps > 0:
-                        rec = epoch_meter.record("epoch", **self.stamp())
+                        rec = epoch_meter.record("epoch", run.ctx, **self.stamp())
                         _reorder(rec)
                         self.emit(rec)
                         display.line(f"epoch {self.epoch + 1} done | {_progress_line(rec)}")
@@ -1093,8 +1157,32 @@ class _Session:
                 self.skiplog.write(run.run_dir)
         return self.result()
 
+    def stopping(self) -> bool:
+        """Whether SIGINT/SIGTERM reached any process (a collective: every process asks)."""
+        return self.run.ctx.any(self.stop.signum is not None)[0]
+
+    def check_batch(self, batch: data.Batch) -> tuple[int, int]:
+        """Record the bad files every process met in this step's batch.
+
+        Every process records all of them, so that under --on-bad-image fail all raise
+        together. Returns (the fewest readable images of a process, readable images in all).
+        """
+        keys = self.dataset.keys
+        mine = (len(batch), [(keys[i], reason) for i, reason in batch.skipped])
+        seen = self.run.ctx.all_gather(mine)
+        for _, bad in seen:
+            for key, reason in bad:
+                self.skiplog.record(key, reason)
+        counts = [count for count, _ in seen]
+        return min(counts), sum(counts)
+
     def on_nonfinite(self, out: StepOutput) -> None:
-        detail = ", ".join(f"{k.removeprefix('loss_')} = {out.values[k]}" for k in out.bad)
+        detail = ", ".join(
+            f"{k.removeprefix('loss_')} = {out.values[k]}"
+            if not math.isfinite(out.values[k])
+            else f"{k.removeprefix('loss_')} on another process"
+            for k in out.bad
+        )
         if self.s.on_nonfinite == "fail":
             kept = (
                 f"the last good checkpoint (step {self.last_saved}) is kept in {self.run.run_dir}"
@@ -1109,7 +1197,7 @@ class _Session:
         self.display.warn(f"non-finite loss at step {self.step}: {detail}; step skipped")
 
     def log(self, interval: _Meter) -> None:
-        rec = interval.record("step", **self.stamp())
+        rec = interval.record("step", self.run.ctx, **self.stamp())
         _reorder(rec)
         self.emit(rec)
         self.final = {k: v for k, v in rec.items() if k.startswith(("loss_", "mi_"))}

@@ -318,6 +318,28 @@ def test_sampler_skips_consumed_batches_without_reordering() -> None:
     assert list(EpochSampler(20, batch_size=4, seed=8).order(3)) != full
 
 
+def test_sampler_drops_the_incomplete_last_batch() -> None:
+    sampler = EpochSampler(22, batch_size=4, seed=7)
+    assert len(list(sampler)) == len(sampler) == 20
+    assert list(sampler) == sampler.order(0)[:20].tolist()
+
+
+@pytest.mark.parametrize("start_batch", [0, 3])
+def test_process_slices_of_each_batch_make_the_single_process_batch(start_batch: int) -> None:
+    one = EpochSampler(26, batch_size=6, seed=3)
+    one.set_epoch(2, start_batch)
+    parts = [EpochSampler(26, batch_size=6, seed=3, rank=r, world_size=3) for r in range(3)]
+    for part in parts:
+        part.set_epoch(2, start_batch)
+    slices = [list(part) for part in parts]
+    assert all(len(s) == len(p) == (4 - start_batch) * 2 for s, p in zip(slices, parts))
+    # Global batch b is rank 0's b-th pair, then rank 1's, then rank 2's.
+    rebuilt = [i for b in range(4 - start_batch) for s in slices for i in s[2 * b : 2 * b + 2]]
+    assert rebuilt == list(one)
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        EpochSampler(26, batch_size=6, seed=3, world_size=4)
+
+
 @pytest.mark.parametrize("augment", ["none", "flip"])
 def test_resumed_deterministic_run_matches_an_uninterrupted_one(
     images: Path, tmp_path: Path, augment: str

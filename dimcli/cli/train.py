@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dimcli import distributed
 from dimcli.cli._app import command
-from dimcli.errors import UsageError
+from dimcli.errors import DimError, UsageError
 from dimcli.settings import FIELDS, load_settings, to_toml
 
 _DATA = "Data"
@@ -16,6 +17,7 @@ _MODEL = "Model and objective"
 _OPTIM = "Optimisation"
 _HARDWARE = "Hardware"
 _RUN = "Run folder and output"
+_MULTI = "Several processes (see docs/distributed.md)"
 
 
 @command("train")
@@ -269,6 +271,35 @@ def train_command(
             show_default=False,
         ),
     ] = None,
+    # ---- several processes ----
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            metavar="INT",
+            help="Train as this many processes (one per GPU, or CPU processes), started by "
+            "torchrun's launcher. Under torchrun itself, leave it out.",
+            rich_help_panel=_MULTI,
+            show_default=False,
+        ),
+    ] = None,
+    negatives: Annotated[
+        str | None,
+        typer.Option(
+            help="global (score against every process's images) | local (each process's own "
+            "share). (default: global)",
+            rich_help_panel=_MULTI,
+            show_default=False,
+        ),
+    ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="BatchNorm statistics over the global batch (CUDA). (default: off)",
+            rich_help_panel=_MULTI,
+            show_default=False,
+        ),
+    ] = None,
     # ---- run folder ----
     out: Annotated[
         str | None,
@@ -363,14 +394,36 @@ def train_command(
     cli = {name: given[name] for name in FIELDS}
     if quiet and verbose:
         raise UsageError("--quiet and --verbose contradict each other; pass one of them")
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     settings = load_settings(cli, config=config)
     if print_config:
         typer.echo(to_toml(settings), nl=False)
         return
+    if nproc_per_node is not None and nproc_per_node > 1 and not distributed.in_worker():
+        # Start the processes; each runs this command again, without --nproc-per-node.
+        options = {name: value for name, value in cli.items() if name != "images"}
+        options.update(config=config, quiet=quiet or None, verbose=verbose or None)
+        args = distributed.option_args(options)
+        if images is not None:
+            args += ["--", images]
+        code = distributed.launch(["train", *args], nproc_per_node)
+        if code:
+            raise typer.Exit(code)
+        return
 
     from dimcli.train import train  # torch and the models load only when training
 
-    result = train(settings, console=Console(), verbosity=-1 if quiet else (1 if verbose else 0))
+    try:
+        result = train(
+            settings, console=Console(), verbosity=-1 if quiet else (1 if verbose else 0)
+        )
+    except DimError as err:
+        if not distributed.is_main_process():
+            raise typer.Exit(err.exit_code) from None  # rank 0 prints the error
+        raise
+    if not distributed.is_main_process():
+        return
     if result.interrupted is not None:
         typer.echo(
             f"interrupted at step {result.steps}; resume with: dim train --resume {result.run_dir}",
