@@ -1145,9 +1145,12 @@ class _Session:
                     self.save()
 
             # ==== wrap up: the last partial interval, then the final state ====
-            if interval.steps > 0:
+            # A save at the last epoch's end predates this interval's metrics ("final" in
+            # the model file), so save again after logging it.
+            stale = interval.steps > 0
+            if stale:
                 self.log(interval)
-            if self.last_saved != self.step or not (run.run_dir / MODEL_FILE).exists():
+            if stale or self.last_saved != self.step or not (run.run_dir / MODEL_FILE).exists():
                 self.save()
         finally:
             display.close()

@@ -125,6 +125,8 @@ def test_run_writes_a_complete_run_folder(images: Path, tmp_path: Path) -> None:
     assert prep["image_size"] == 32 and prep["mean"] == [0.5] * 3 and prep["std"] == [0.5] * 3
     assert loaded.metadata["training"]["steps"] == 4
     assert loaded.metadata["training"]["settings"]["mi_units"] == 16
+    # The last logged metrics, not those of an earlier save at the same step.
+    assert result.final and loaded.metadata["training"]["final"] == result.final
 
 
 def test_metrics_lines_have_the_documented_keys(images: Path, tmp_path: Path) -> None:
