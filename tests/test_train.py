@@ -334,7 +334,8 @@ def test_process_slices_of_each_batch_make_the_single_process_batch(start_batch:
     for part in parts:
         part.set_epoch(2, start_batch)
     slices = [list(part) for part in parts]
-    assert all(len(s) == len(p) == (4 - start_batch) * 2 for s, p in zip(slices, parts))
+    for part, indices in zip(parts, slices, strict=True):
+        assert len(indices) == len(part) == (4 - start_batch) * 2
     # Global batch b is rank 0's b-th pair, then rank 1's, then rank 2's.
     rebuilt = [i for b in range(4 - start_batch) for s in slices for i in s[2 * b : 2 * b + 2]]
     assert rebuilt == list(one)
