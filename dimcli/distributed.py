@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -661,6 +662,9 @@ def launch(args: Sequence[str], nproc_per_node: int) -> int:
     agent_log = logging.getLogger("torch.distributed.elastic")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)
+    # The agent installs its own handlers for these and leaves them behind; put ours back.
+    watched = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+    handlers = {sig: signal.getsignal(sig) for sig in watched}
     try:
         elastic_launch(config, sys.executable)("-m", "dimcli", *args)
     except ChildFailedError as err:
@@ -676,4 +680,8 @@ def launch(args: Sequence[str], nproc_per_node: int) -> int:
         return 128 + int(err.sigval)
     finally:
         agent_log.setLevel(level)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:  # None: set outside Python, nothing to restore
+                    signal.signal(sig, handler)
     return 0

@@ -26,7 +26,14 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Entry point of the `dim` console script."""
+    """Entry point of the `dim` console script.
+
+    Colour follows the terminal: none when output is not a terminal, and none when NO_COLOR
+    is set (https://no-color.org). rich drops colours under NO_COLOR by itself but keeps bold
+    and dim; the help and usage errors that typer draws go fully plain instead.
+    """
     if os.environ.get("NO_COLOR"):
-        os.environ.setdefault("TERM", "dumb")
+        from typer import rich_utils
+
+        rich_utils.COLOR_SYSTEM = None
     app(prog_name="dim")

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from dimcli import __version__
-from dimcli.errors import DimError
+from dimcli.errors import DimError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,8 +24,39 @@ app = typer.Typer(
 )
 
 
+class _Command(TyperCommand):
+    """A command whose usage line names its arguments in capitals: `IMAGES`, `[MODEL]`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        # Typer writes a required argument as {images}; the usual spelling is IMAGES.
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar or (param.name or "").upper()
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def examples(*lines: str) -> str:
+    """The epilog of a command's --help: a heading and one example command per line."""
+    return "[bold]Examples[/bold]\n\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def check_verbosity(quiet: bool, verbose: bool) -> None:
+    """Refuse --quiet together with --verbose (they ask for opposite things)."""
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose contradict each other; pass one of them")
+
+
 def command(name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
-    """Register `func` as a `dim` sub-command; a `DimError` becomes one line and an exit code."""
+    """Register `func` as a `dim` sub-command; a `DimError` becomes one line and an exit code.
+
+    Keyword arguments go to `typer.Typer.command`; pass `epilog=examples(...)` to show
+    example commands at the end of the command's --help.
+    """
+    kwargs.setdefault("cls", _Command)
 
     def decorate(func: F) -> F:
         @functools.wraps(func)

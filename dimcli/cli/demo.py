@@ -8,10 +8,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dimcli.cli._app import command
+from dimcli.cli._app import check_verbosity, command, examples
 
 
-@command("demo")
+@command(
+    "demo",
+    epilog=examples("dim demo --quick", "dim demo --steps 20 --per-class 10 --out runs/demo-small"),
+)
 def demo_command(
     out: Annotated[
         Path | None,
@@ -60,6 +63,14 @@ def demo_command(
             show_default=False,
         ),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print only errors and the path of the report."),
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also print the seconds each phase took."),
+    ] = False,
 ) -> None:
     """Learn an encoder on a bundled CIFAR-10 sample and compare it with a random one.
 
@@ -67,9 +78,10 @@ def demo_command(
     images, probes the features with linear and kNN classifiers next to the same encoder at
     its random initialisation, and writes an HTML report. Nothing is downloaded.
     """
+    check_verbosity(quiet, verbose)
     from dimcli.demo import run_demo
 
-    run_demo(
+    result = run_demo(
         out,
         epochs=epochs,
         steps=steps,
@@ -81,5 +93,10 @@ def demo_command(
         workers=workers,
         device=device,
         threads=threads,
-        console=Console(),
+        console=Console(quiet=quiet),
     )
+    if quiet:
+        typer.echo(result.report)
+    if verbose:
+        phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.seconds.items())
+        typer.echo(f"seconds per phase: {phases}")

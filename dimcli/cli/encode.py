@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 from dimcli import distributed
-from dimcli.cli._app import command
+from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.encode import encode_folder
 from dimcli.errors import DimError, UsageError
+from dimcli.modelfile import read_metadata, resolve_model_path
 
 
-@command("encode")
+@command(
+    "encode",
+    epilog=examples(
+        "dim encode images/ -o feats.npy -m runs/latest",
+        "dim encode images/ -o conv.csv --layer conv --pool avg",
+    ),
+)
 def encode(
     images: Annotated[
-        Path, typer.Argument(help="Folder of images to encode (searched recursively).")
+        Path,
+        typer.Argument(metavar="IMAGES", help="Folder of images to encode (searched recursively)."),
     ],
     out: Annotated[
         Path,
@@ -69,6 +78,12 @@ def encode(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress and no summary line.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also print the model, layer and settings before encoding."
+        ),
+    ] = False,
     nproc_per_node: Annotated[
         int | None,
         typer.Option(
@@ -84,6 +99,7 @@ def encode(
     The output appears only once every image is done: an interrupted encode leaves none.
     An existing output is kept unless --overwrite is given.
     """
+    check_verbosity(quiet, verbose)
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     if nproc_per_node is not None and nproc_per_node > 1 and not distributed.in_worker():
@@ -101,6 +117,7 @@ def encode(
                 "on_bad_image": on_bad_image,
                 "overwrite": overwrite or None,
                 "quiet": quiet or None,
+                "verbose": verbose or None,
             }
         )
         code = distributed.launch(["encode", *args, "--", str(images)], nproc_per_node)
@@ -108,6 +125,20 @@ def encode(
             raise typer.Exit(code)
         return
     try:
+        if verbose:
+            # Every process reads the model here, so a bad one fails them all alike.
+            line = describe_inputs(
+                images,
+                out,
+                model,
+                layer,
+                pool,
+                batch_size=batch_size,
+                workers=workers,
+                device=device,
+            )
+            if distributed.is_main_process():
+                typer.echo(line, err=True)
         result = encode_folder(
             images,
             out,
@@ -128,6 +159,29 @@ def encode(
         raise
     if not quiet and distributed.is_main_process():
         typer.echo(result.summary())
+
+
+def describe_inputs(
+    images: Path,
+    out: Path,
+    model: str,
+    layer: str,
+    pool: str,
+    *,
+    batch_size: int,
+    workers: str,
+    device: str,
+) -> str:
+    """One line for --verbose: the model file and layer, the row width and the settings."""
+    path = resolve_model_path(model)
+    meta = read_metadata(path)
+    shape = [int(v) for v in meta["layers"][layer]]
+    width = shape[0] if layer == "conv" and pool == "avg" else math.prod(shape)
+    how = f"layer {layer}" + (f", pool {pool}" if layer == "conv" else "")
+    return (
+        f"encoding {images} with {path} ({meta['encoder']['name']}, {how}: {width} values "
+        f"per image) into {out}; batch size {batch_size}, workers {workers}, device {device}"
+    )
 
 
 def parse_workers(value: str) -> int | None:

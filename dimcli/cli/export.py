@@ -8,11 +8,17 @@ from typing import Annotated, Literal
 
 import typer
 
-from dimcli.cli._app import command
+from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.export import DEFAULT_OPSET, FORMATS, describe_model, export_encoder, format_description
 
 
-@command("export")
+@command(
+    "export",
+    epilog=examples(
+        "dim export -m runs/latest -o encoder.onnx",
+        "dim export -m runs/latest -o encoder.pt --layer fc",
+    ),
+)
 def export(
     out: Annotated[
         Path,
@@ -55,6 +61,10 @@ def export(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress line and no summary.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also describe the written file, as `dim info` does."),
+    ] = False,
 ) -> None:
     """Export a trained encoder to ONNX, TorchScript, torch.export (.pt2) or safetensors.
 
@@ -63,6 +73,7 @@ def export(
     printed. The written file is loaded back and compared with PyTorch on a new batch size
     before it replaces the output; on failure nothing is written and the exit code is 1.
     """
+    check_verbosity(quiet, verbose)
     result = export_encoder(
         model,
         out,
@@ -75,14 +86,20 @@ def export(
     )
     if not quiet:
         typer.echo(result.summary())
+    if verbose:
+        typer.echo(format_description(describe_model(out)))
 
 
-@command("info")
+@command(
+    "info",
+    epilog=examples("dim info runs/latest", "dim info encoder.onnx --json"),
+)
 def info(
     model: Annotated[
         str,
         typer.Argument(
-            help="Run folder, .safetensors model file, or a file written by `dim export`."
+            metavar="MODEL",
+            help="Run folder, .safetensors model file, or a file written by `dim export`.",
         ),
     ] = "runs/latest",
     as_json: Annotated[

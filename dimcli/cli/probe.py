@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dimcli.cli._app import command
+from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.cli.encode import parse_workers
 from dimcli.encode import encode_folder
 from dimcli.errors import UsageError
@@ -63,7 +63,14 @@ def parse_methods(values: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(methods))  # each method once, first mention first
 
 
-@command("probe")
+@command(
+    "probe",
+    epilog=examples(
+        "dim probe --features feats.npy --labels labels.csv --method all",
+        "dim probe --images images/ --test-images test-images/ --labels-from-folders "
+        "-m runs/latest",
+    ),
+)
 def probe(
     labels: Annotated[
         Path | None,
@@ -135,9 +142,19 @@ def probe(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No encoding progress; only the results.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also print where features, labels and the test set come from, and the "
+            "probes' settings.",
+        ),
+    ] = False,
 ) -> None:
     """Train probes on frozen features and report their test accuracy."""
     # ==== check the options against each other ====
+    check_verbosity(quiet, verbose)
     if labels is None and not labels_from_folders:
         raise UsageError(
             "say where labels come from: --labels labels.csv (header path,label) or "
@@ -158,6 +175,21 @@ def probe(
         )
     methods = parse_methods(method)
     n_workers = parse_workers(workers)
+    if verbose:
+        described = describe_inputs(
+            labels=labels,
+            features=features,
+            images=images,
+            test_labels=test_labels,
+            test_features=test_features,
+            test_images=test_images,
+            test_fraction=test_fraction,
+            model=model,
+            layer=layer,
+            pool=pool,
+        )
+        for line in [*described, describe_probes(methods, k, mlp_epochs, seed)]:
+            typer.echo(line)
 
     # ==== labels first: a bad CSV should fail before any encoding ====
     train_labels = read_labels_csv(labels) if labels is not None else None
@@ -181,6 +213,11 @@ def probe(
                 on_bad_image="skip",
                 progress=not quiet,
             )
+            if verbose:
+                typer.echo(
+                    f"encoded {folder}: {result.n_rows} rows x {result.dim} dims, "
+                    f"{result.n_skipped} images skipped"
+                )
             return result.out
 
         x, keys = read_features(source(features, images, "train"))
@@ -230,6 +267,43 @@ def probe(
         }
         write_json_report(json_out, report, inputs)
         typer.echo(f"wrote the report to {json_out}")
+
+
+def describe_inputs(
+    *,
+    labels: Path | None,
+    features: Path | None,
+    images: Path | None,
+    test_labels: Path | None,
+    test_features: Path | None,
+    test_images: Path | None,
+    test_fraction: float,
+    model: str,
+    layer: str,
+    pool: str,
+) -> list[str]:
+    """Lines for --verbose: where the labels, the features and the test rows come from."""
+    encoded = f"encoded with {model}, layer {layer}" + (f", pool {pool}" if layer == "conv" else "")
+    lines = [f"labels: {labels if labels is not None else 'the first folder of each path'}"]
+    if images is not None:
+        lines.append(f"features: {images} ({encoded})")
+    else:
+        lines.append(f"features: {features if features is not None else 'feats.npy'}")
+    if test_images is not None:
+        lines.append(f"test set: {test_images} ({encoded})")
+    elif test_features is not None:
+        lines.append(f"test set: {test_features}")
+    else:
+        lines.append(f"test set: {test_fraction:g} of each class, held out")
+    if test_labels is not None:
+        lines.append(f"test labels: {test_labels}")
+    return lines
+
+
+def describe_probes(methods: Sequence[str], k: int, mlp_epochs: int, seed: int) -> str:
+    """One line for --verbose: the probes and their settings."""
+    named = {"knn": f"knn (k {k})", "mlp": f"mlp ({mlp_epochs} epochs)"}
+    return f"probes: {', '.join(named.get(m, m) for m in methods)}; seed {seed}"
 
 
 def describe_matching(report: ProbeReport) -> Iterator[str]:

@@ -7,14 +7,24 @@ from typing import Annotated
 
 import typer
 
-from dimcli.cli._app import command
+from dimcli.cli._app import command, examples
 
 
-@command("report")
+@command(
+    "report",
+    epilog=examples(
+        "dim report runs/latest",
+        "dim report runs/latest --images test-images/ -o test-report.html",
+    ),
+)
 def report_command(
     run: Annotated[
         Path,
-        typer.Argument(help="Run folder of `dim train` (e.g. runs/latest).", show_default=False),
+        typer.Argument(
+            metavar="RUN",
+            help="Run folder of `dim train` (e.g. runs/latest).",
+            show_default=False,
+        ),
     ],
     out: Annotated[
         Path | None,

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from dimcli import distributed
-from dimcli.cli._app import command
+from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.errors import DimError, UsageError
 from dimcli.settings import FIELDS, load_settings, to_toml
 
@@ -20,7 +20,13 @@ _RUN = "Run folder and output"
 _MULTI = "Several processes (see docs/distributed.md)"
 
 
-@command("train")
+@command(
+    "train",
+    epilog=examples(
+        "dim train images/ --out runs/first --epochs 20",
+        "dim train --resume latest",
+    ),
+)
 def train_command(
     images: Annotated[
         str | None,
@@ -348,7 +354,7 @@ def train_command(
         bool | None,
         typer.Option(
             "--report/--no-report",
-            help="Write the visual report at the end.",
+            help="Write the visual report at the end. (default: off)",
             rich_help_panel=_RUN,
             show_default=False,
         ),
@@ -392,8 +398,7 @@ def train_command(
     """
     given = dict(locals())  # every parameter above, by name
     cli = {name: given[name] for name in FIELDS}
-    if quiet and verbose:
-        raise UsageError("--quiet and --verbose contradict each other; pass one of them")
+    check_verbosity(quiet, verbose)
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     settings = load_settings(cli, config=config)
