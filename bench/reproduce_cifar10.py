@@ -13,10 +13,10 @@ baseline row.
 
 Budgets (any field can be overridden by its option):
 
-- cpu: mi_units 512, batch 64, 1500 steps (about 2 epochs) per estimator; probes trained on
+- cpu: mi_units 512, batch 64, 3000 steps (about 4 epochs) per estimator; probes trained on
   500 images per class (5k) and scored on the full 10k test split; linear probe L2 grid
   1e-4/1e-3/1e-2 with 50 L-BFGS iterations; MLP probe 10 epochs. On 2 idle cores this is
-  about an hour of training; a loaded machine needs --max-steps lower.
+  about 30 minutes of training and 10 of probing; a loaded machine needs --max-steps lower.
 - paper: mi_units 2048, batch 64, 1000 epochs, Adam 1e-4 (0.5, 0.999); probes on the full
   50k / 10k splits; MLP probe 50 epochs. For a GPU.
 
@@ -29,6 +29,7 @@ training run from its checkpoint. The markdown tables are printed at the end (an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -81,7 +82,7 @@ class Budget:
 # The cpu budget trims the probes: on a 4096-wide conv layer the default linear probe (7 L-BFGS
 # fits of 100 iterations) and a 30-epoch MLP take many minutes per model on 2 cores.
 BUDGETS = {
-    "cpu": Budget(512, 64, None, 1500, 500, 10, (1e-4, 1e-3, 1e-2), 50),
+    "cpu": Budget(512, 64, None, 3000, 500, 10, (1e-4, 1e-3, 1e-2), 50),
     "paper": Budget(2048, 64, 1000, None, None, 50),
     "smoke": Budget(64, 16, None, 3, 10, 2, (1e-3,), 20),
 }
@@ -331,9 +332,9 @@ def resolve_budget(args: argparse.Namespace) -> Budget:
     per_class = b.probe_train_per_class
     if args.probe_train_per_class is not None:
         per_class = args.probe_train_per_class or None
-    return Budget(
+    return dataclasses.replace(
+        b,
         mi_units=args.mi_units or b.mi_units,
-        batch_size=b.batch_size,
         epochs=epochs,
         max_steps=max_steps,
         probe_train_per_class=per_class,

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from dimcli import __version__
+from dimcli._constants import DEFAULT_OPSET, FORMATS
 from dimcli.errors import DimError, ModelFileError, UsageError
 from dimcli.modelfile import (
     LoadedEncoder,
@@ -44,13 +45,8 @@ from dimcli.modelfile import (
 )
 from dimcli.models.encoders import ENCODERS, LAYERS, Encoder
 
-# Format name -> file extension. `--format` takes a name; without it the extension decides.
-FORMATS: dict[str, str] = {
-    "onnx": ".onnx",
-    "torchscript": ".pt",
-    "pt2": ".pt2",
-    "safetensors": ".safetensors",
-}
+# FORMATS: format name -> file extension. `--format` takes a name; without it the extension
+# decides. It and DEFAULT_OPSET live in dimcli._constants, so that `dim --help` needs no torch.
 GRAPH_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "pt2")
 
 EXPORT_FORMAT = "dimcli.export"
@@ -60,9 +56,8 @@ METADATA_FILE = "dimcli.json"  # TorchScript and pt2 extra file
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
-# Opset 18 is what the torch.export-based ONNX exporter writes natively; onnxruntime runs
-# it since 1.14. 17 is reached by the exporter's down-conversion.
-DEFAULT_OPSET = 18
+# Opset 18 (DEFAULT_OPSET) is what the torch.export-based ONNX exporter writes natively;
+# onnxruntime runs it since 1.14. 17 is reached by the exporter's down-conversion.
 MIN_OPSET = 17
 
 # The graph is exported with one batch size and verified with another, so a batch size

@@ -37,14 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimcli._constants import DEFAULT_K, DEFAULT_MLP_EPOCHS, PROBE_METHODS
 from dimcli.errors import DimError
 
-PROBE_METHODS: tuple[str, ...] = ("linear", "knn", "mlp")
+# PROBE_METHODS, DEFAULT_MLP_EPOCHS (the paper fixes lr and batch but not the epochs) and
+# DEFAULT_K live in dimcli._constants, so that `dim probe --help` needs no torch.
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# The paper fixes lr and batch but not the epochs. 50 epochs is about 6k Adam steps for 8k
-# training images (tens of seconds on a CPU); small data sets get few steps, so raise it there.
-DEFAULT_MLP_EPOCHS = 50
-DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 _VALIDATION_FRACTION = 0.2
 _MAX_NAMED = 3  # how many offending items an error message lists
@@ -531,6 +529,12 @@ def linear_probe(
 # ---- kNN -----------------------------------------------------------------------------------
 
 
+def _float_tensor(x: np.ndarray) -> torch.Tensor:
+    """float32 tensor of `x`, copied only when `x` is read-only (a memory-mapped feature file)."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def knn_probe(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -561,8 +565,8 @@ def knn_probe(
     n_test, _ = x_test.shape
     k_used = min(k, n_train)
 
-    train = F.normalize(torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)), dim=1)
-    test = F.normalize(torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)), dim=1)
+    train = F.normalize(_float_tensor(x_train), dim=1)
+    test = F.normalize(_float_tensor(x_test), dim=1)
     train_y = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
     chunk = max(1, max_chunk_elements // n_train)
     scores = torch.empty(n_test, n_classes)

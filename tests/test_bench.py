@@ -97,6 +97,9 @@ def test_reproduce_budget_overrides() -> None:
     )
     b = reproduce_cifar10.resolve_budget(args)
     assert (b.max_steps, b.epochs, b.mlp_epochs, b.mi_units) == (7, None, 3, 512)
+    # What no option overrides stays the budget's own.
+    cpu = reproduce_cifar10.BUDGETS["cpu"]
+    assert (b.l2_grid, b.linear_max_iter) == (cpu.l2_grid, cpu.linear_max_iter)
     paper = reproduce_cifar10.resolve_budget(reproduce_cifar10.parse_args(["--budget", "paper"]))
     assert (paper.epochs, paper.mi_units, paper.batch_size) == (1000, 2048, 64)
     assert paper.probe_train_per_class is None

@@ -271,9 +271,7 @@ def _dim(env: dict[str, str], *args: str, shell: str | None = None) -> subproces
     )
 
 
-@pytest.mark.skipif(
-    sys.platform == "win32" or not Path("/bin/bash").exists(), reason="needs bash"
-)
+@pytest.mark.skipif(sys.platform == "win32" or not Path("/bin/bash").exists(), reason="needs bash")
 def test_completion_scripts_and_completions(tmp_path: Path) -> None:
     # Detected from the shell that runs dim, as docs/usage.md says.
     shown = _dim({}, "--show-completion", shell="/bin/bash")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -328,6 +329,17 @@ def test_knn_votes_match_a_loop() -> None:
     for t, p in zip(y_te, pred, strict=True):
         hand[t, p] += 1
     assert r.confusion == hand.tolist()
+
+
+def test_probes_take_read_only_features_silently() -> None:
+    # Feature files are memory-mapped read-only; torch warns about such arrays unless copied.
+    x_tr, y_tr, x_te, y_te = _blobs()
+    for a in (x_tr, x_te):
+        a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        results = {name: call(x_tr, y_tr, x_te, y_te, 5, 0) for name, call in PROBE_CALLS.items()}
+    assert all(r.top1 > 0.9 for r in results.values()), {n: r.top1 for n, r in results.items()}
 
 
 def test_probes_reject_inconsistent_inputs_and_accept_float64() -> None:

@@ -8,11 +8,10 @@ from typing import Annotated, Literal
 
 import typer
 
-from dimcli import distributed
 from dimcli.cli._app import check_verbosity, command, examples
-from dimcli.encode import encode_folder
 from dimcli.errors import DimError, UsageError
-from dimcli.modelfile import read_metadata, resolve_model_path
+
+# torch and the models load only when the command runs, not for --help or completion.
 
 
 @command(
@@ -102,6 +101,9 @@ def encode(
     check_verbosity(quiet, verbose)
     if nproc_per_node is not None and nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    from dimcli import distributed
+    from dimcli.encode import encode_folder
+
     if nproc_per_node is not None and nproc_per_node > 1 and not distributed.in_worker():
         # Start the processes; each runs this command again without --nproc-per-node.
         args = distributed.option_args(
@@ -173,6 +175,8 @@ def describe_inputs(
     device: str,
 ) -> str:
     """One line for --verbose: the model file and layer, the row width and the settings."""
+    from dimcli.modelfile import read_metadata, resolve_model_path
+
     path = resolve_model_path(model)
     meta = read_metadata(path)
     shape = [int(v) for v in meta["layers"][layer]]

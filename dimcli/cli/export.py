@@ -8,8 +8,10 @@ from typing import Annotated, Literal
 
 import typer
 
+from dimcli._constants import DEFAULT_OPSET, FORMATS
 from dimcli.cli._app import check_verbosity, command, examples
-from dimcli.export import DEFAULT_OPSET, FORMATS, describe_model, export_encoder, format_description
+
+# dimcli.export (torch) loads only when a command runs, not for --help or completion.
 
 
 @command(
@@ -74,6 +76,8 @@ def export(
     before it replaces the output; on failure nothing is written and the exit code is 1.
     """
     check_verbosity(quiet, verbose)
+    from dimcli.export import describe_model, export_encoder, format_description
+
     result = export_encoder(
         model,
         out,
@@ -111,6 +115,8 @@ def info(
     The weights are loaded and checked as `dim encode` would, so a bad file gives the same
     one-line error. Files written by `dim export` are described from their metadata.
     """
+    from dimcli.export import describe_model, format_description
+
     description = describe_model(model)
     if as_json:
         typer.echo(json.dumps(description, indent=2))

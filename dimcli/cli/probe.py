@@ -14,28 +14,22 @@ import json
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from dimcli._constants import DEFAULT_K, DEFAULT_MLP_EPOCHS, PROBE_METHODS
 from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.cli.encode import parse_workers
-from dimcli.encode import encode_folder
 from dimcli.errors import UsageError
-from dimcli.features import read_features
-from dimcli.modelfile import atomic_write
-from dimcli.probe import (
-    DEFAULT_K,
-    DEFAULT_MLP_EPOCHS,
-    PROBE_METHODS,
-    ProbeReport,
-    labels_from_keys,
-    read_labels_csv,
-    run_probes,
-)
+
+# numpy, torch and the probes load only when the command runs, not for --help or completion.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dimcli.probe import ProbeReport
 
 
 def parse_methods(values: Sequence[str] | None) -> list[str]:
@@ -190,6 +184,10 @@ def probe(
         )
         for line in [*described, describe_probes(methods, k, mlp_epochs, seed)]:
             typer.echo(line)
+
+    from dimcli.encode import encode_folder
+    from dimcli.features import read_features
+    from dimcli.probe import labels_from_keys, read_labels_csv, run_probes
 
     # ==== labels first: a bad CSV should fail before any encoding ====
     train_labels = read_labels_csv(labels) if labels is not None else None
@@ -361,6 +359,8 @@ def per_class_table(report: ProbeReport) -> Table:
 
 def write_json_report(path: Path, report: ProbeReport, inputs: Mapping[str, Any]) -> None:
     """Write `report.to_dict()` plus the inputs it came from as JSON, atomically."""
+    from dimcli.modelfile import atomic_write
+
     data = {"inputs": dict(inputs), **report.to_dict()}
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

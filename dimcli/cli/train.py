@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dimcli import distributed
 from dimcli.cli._app import check_verbosity, command, examples
 from dimcli.errors import DimError, UsageError
 from dimcli.settings import FIELDS, load_settings, to_toml
@@ -405,6 +404,8 @@ def train_command(
     if print_config:
         typer.echo(to_toml(settings), nl=False)
         return
+    from dimcli import distributed  # torch and the models load only when training
+
     if nproc_per_node is not None and nproc_per_node > 1 and not distributed.in_worker():
         # Start the processes; each runs this command again, without --nproc-per-node.
         options = {name: value for name, value in cli.items() if name != "images"}
@@ -417,7 +418,7 @@ def train_command(
             raise typer.Exit(code)
         return
 
-    from dimcli.train import train  # torch and the models load only when training
+    from dimcli.train import train
 
     try:
         result = train(
