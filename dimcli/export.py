@@ -542,6 +542,14 @@ def read_export_metadata(path: str | os.PathLike[str], fmt: str | None = None) -
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ModelFileError(f"{p}: metadata does not describe a dimcli export")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(f"{p}: export metadata has no integer format_version; it is damaged")
+    if version > EXPORT_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{p} uses export format version {version}, newer than this dimcli reads "
+            f"({EXPORT_FORMAT_VERSION}); upgrade dimcli (pip install -U dimcli)"
+        )
     return meta
 
 

@@ -172,6 +172,35 @@ def labels_from_keys(keys: Sequence[str]) -> dict[str, str]:
     return labels
 
 
+def check_disjoint_labels(
+    train_labels: Mapping[str, str],
+    test_labels: Mapping[str, str],
+    *,
+    names: tuple[str, str] = ("the training labels", "the test labels"),
+) -> None:
+    """Refuse a path labelled both for training and for testing (train/test leakage).
+
+    Paths are compared after `normalise_path`. Needed when the test rows are picked from the
+    same features as the training rows; a separate test set may reuse relative paths.
+
+    Args:
+        train_labels, test_labels: {path: label}, e.g. from `read_labels_csv`.
+        names: how the message names the two label sets (e.g. their files).
+
+    Raises:
+        DimError: a path is in both, naming how many and the first few.
+    """
+    test_paths = {normalise_path(k) for k in test_labels}
+    both = list(dict.fromkeys(p for k in train_labels if (p := normalise_path(k)) in test_paths))
+    if both:
+        named = ", ".join(repr(p) for p in both[:_MAX_NAMED])
+        raise DimError(
+            f"{len(both)} paths are labelled in both {names[0]} and {names[1]} ({named}"
+            f"{', ...' if len(both) > _MAX_NAMED else ''}); a row cannot both train and test"
+            " the probes, so remove those paths from one of the files"
+        )
+
+
 def _class_order(label: str) -> tuple[int, int, str]:
     # Integer-like labels sort numerically ("2" before "10"), ahead of the others.
     if re.fullmatch(r"[+-]?\d+", label):
@@ -752,21 +781,29 @@ def run_probes(
 ) -> ProbeReport:
     """Match features to labels, split (or take the given test set) and run each probe.
 
-    Without `test_features`, the labelled rows are split by `stratified_split` with
-    `test_fraction` and `seed`. With them, all labelled rows of `features` train and the
-    labelled rows of `test_features` (paths `test_keys`, labels `test_labels`, by default
-    `labels`) test; their classes must all occur in training.
+    The test rows come from one of three places:
+
+    - neither `test_features` nor `test_labels`: the labelled rows are split by
+      `stratified_split` with `test_fraction` and `seed`;
+    - `test_features` (paths `test_keys`): all labelled rows of `features` train and the
+      rows of `test_features` labelled in `test_labels` (by default `labels`) test;
+    - `test_labels` alone: the rows of `features` labelled in `labels` train and those
+      labelled in `test_labels` test (one feature file, the split given by two label sets).
+      A path in both is an error (`check_disjoint_labels`); rows in neither are ignored, and
+      both `n_unlabelled_rows` count them.
+
+    With a test set, `test_fraction` is ignored, and every test class must occur in training.
 
     JSON schema of `ProbeReport.to_dict()` (all keys always present)::
 
         {
           "seed": int, "split": "stratified" | "test-set",
-          "test_fraction": float | null,       # null with a separate test set
+          "test_fraction": float | null,       # null with a test set
           "dim": int,                          # feature width
           "n_labels": int, "n_matched": int,   # training side (or the only side)
           "n_unmatched_labels": int, "n_unlabelled_rows": int,
           "test_counts": null | {"n_labels", "n_matched", "n_unmatched_labels",
-                                 "n_unlabelled_rows"},   # the separate test set's
+                                 "n_unlabelled_rows"},   # the test set's
           "n_train": int, "n_test": int,
           "classes": [str, ...],               # order of class ids and confusion rows
           "results": [ {"method": "linear" | "knn" | "mlp", "top1": float,
@@ -778,7 +815,8 @@ def run_probes(
 
     Raises:
         DimError: unknown method, inconsistent features, no matching labels, fewer than two
-            classes, classes too small to split, NaN/inf features.
+            classes, classes too small to split, NaN/inf features, a path labelled both
+            for training and for testing.
     """
     unknown = [m for m in methods if m not in PROBES]
     if unknown or not methods:
@@ -786,6 +824,10 @@ def run_probes(
             f"unknown probe method(s) {unknown or '(none given)'}; choose from {', '.join(PROBES)}"
         )
     _check_features(features, keys, "training")
+    if test_features is None and test_keys is not None:
+        raise ValueError("test_keys need test_features")
+    if test_features is None and test_labels is not None:
+        check_disjoint_labels(labels, test_labels)  # before any work on the rows
     aligned = align(keys, labels)
     classes = aligned.classes
     if len(classes) < 2:
@@ -795,9 +837,20 @@ def run_probes(
         )
 
     test_counts: dict[str, int] | None = None
-    if test_features is None:
-        if test_keys is not None or test_labels is not None:
-            raise ValueError("test_keys and test_labels need test_features")
+    n_unlabelled_rows = aligned.n_unlabelled_rows
+    if test_features is None and test_labels is not None:  # the test rows are in `features`
+        t = align(keys, test_labels, classes=classes)
+        n_unlabelled_rows = len(keys) - aligned.n_matched - t.n_matched  # labelled in neither
+        test_counts = {
+            "n_labels": t.n_labels,
+            "n_matched": t.n_matched,
+            "n_unmatched_labels": t.n_unmatched_labels,
+            "n_unlabelled_rows": n_unlabelled_rows,
+        }
+        x_train, y_train = _gather(features, aligned.rows, keys, "training"), aligned.y
+        x_test, y_test = _gather(features, t.rows, keys, "test"), t.y
+        split, fraction = "test-set", None
+    elif test_features is None:
         x = _gather(features, aligned.rows, keys, "training")
         train_idx, test_idx = stratified_split(aligned.y, test_fraction, seed, class_names=classes)
         x_train, y_train = x[train_idx], aligned.y[train_idx]
@@ -841,7 +894,7 @@ def run_probes(
         n_labels=aligned.n_labels,
         n_matched=aligned.n_matched,
         n_unmatched_labels=aligned.n_unmatched_labels,
-        n_unlabelled_rows=aligned.n_unlabelled_rows,
+        n_unlabelled_rows=n_unlabelled_rows,
         n_train=len(x_train),
         n_test=len(x_test),
         classes=list(classes),

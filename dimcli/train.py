@@ -435,15 +435,35 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _git_sha() -> str | None:
-    """The commit of the current folder's git checkout, or None (no git, not a checkout)."""
-    try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = proc.stdout.strip()
-    return sha if proc.returncode == 0 and sha else None
+    """The commit of the dimcli source when it runs from a git checkout, else None.
+
+    git is asked in the folder of the dimcli package, not the current one, so a run started in
+    the user's own repository does not record that repository's commit; and the package's files
+    must be tracked there, so an installed copy (site-packages, even in a .venv inside some
+    repository) records None. Any failure of git (missing, slow, not a checkout) is None too.
+    """
+    package_dir = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # no GIT_DIR etc.
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(package_dir), *args],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    if not git("ls-files", "--error-unmatch", "--", Path(__file__).name):
+        return None  # not a checkout, or dimcli is not part of it
+    sha = git("rev-parse", "--verify", "HEAD")
+    return sha or None
 
 
 def versions() -> dict[str, str | None]:

@@ -264,7 +264,7 @@ def test_images_with_a_bad_model_is_a_one_line_error(
         (["--labels-from-folders", "--features", "f.npy", "--images", "d"], "either --features"),
         (["--labels-from-folders", "--test-features", "t.npy", "--test-images", "d"],
          "either --test-features or --test-images"),
-        (["--labels", "l.csv", "--test-labels", "t.csv"], "--test-labels needs a test set"),
+        (["--labels-from-folders", "--test-labels", "t.csv"], "drop --test-labels"),
         (["--labels-from-folders", "--method", "svm"],
          "unknown --method 'svm'; choose from linear, knn, mlp or all"),
         (["--labels-from-folders", "--workers", "x"], "--workers must be auto or a number"),
@@ -395,3 +395,109 @@ def test_trained_encoder_beats_random_init_on_cifar(
     trained = _linear_probe_accuracy(result.model_path, cifar_subset, tmp_path / "dim.json")
     random = _linear_probe_accuracy(random_model, cifar_subset, tmp_path / "random.json")
     assert trained >= random + margin, (trained, random)
+
+
+# ==== --test-labels alone: the test rows come from the same features ====
+
+
+def _split_csvs(tmp_path: Path, keys: list[str]) -> tuple[Path, Path, list[int], list[int]]:
+    """train.csv (rows 0-13 of each class of 20) and test.csv (rows 14-17); 18-19 in neither."""
+    train_rows = [i for i in range(len(keys)) if i % 20 < 14]
+    test_rows = [i for i in range(len(keys)) if 14 <= i % 20 < 18]
+    train = _write_labels(
+        tmp_path / "train.csv", {keys[i]: keys[i].split("/")[0] for i in train_rows}
+    )
+    test = _write_labels(tmp_path / "test.csv", {keys[i]: keys[i].split("/")[0] for i in test_rows})
+    return train, test, train_rows, test_rows
+
+
+def test_test_labels_alone_split_one_feature_file(
+    tmp_path: Path, blobs: tuple[Path, Path, list[str]]
+) -> None:
+    feats, _, keys = blobs
+    train, test, train_rows, test_rows = _split_csvs(tmp_path, keys)
+    common = ["--method", "all", "--mlp-epochs", "3"]
+    code, out, err = _cli("--features", feats, "--labels", train, "--test-labels", test,
+                          *common, "--json", tmp_path / "one.json")  # fmt: skip
+    assert code == 0, err
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["split"] == "test-set" and one["test_fraction"] is None
+    assert (one["n_train"], one["n_test"]) == (len(train_rows), len(test_rows)) == (112, 32)
+    assert (one["n_matched"], one["n_unlabelled_rows"]) == (112, 16)  # 16 rows in neither CSV
+    assert one["test_counts"] == {
+        "n_labels": 32, "n_matched": 32, "n_unmatched_labels": 0, "n_unlabelled_rows": 16
+    }  # fmt: skip
+    assert one["inputs"]["test_labels"] == str(test) and one["inputs"]["test_features"] is None
+    assert "labels: 112 of 112 labelled paths matched feature rows (0 labels without a row, " in out
+    assert "test set: 32 of 32 labelled paths matched rows of the same features (0 labels " in out
+    assert "16 rows without a label" in out and "n_test" in out
+
+    # The same rows as two separate feature files give the same results.
+    x, _ = _blobs(8, 20)
+    train_feats = _write_features(
+        tmp_path / "train.npy", x[train_rows], [keys[i] for i in train_rows]
+    )
+    test_feats = _write_features(tmp_path / "test.npy", x[test_rows], [keys[i] for i in test_rows])
+    code, _, err = _cli("--features", train_feats, "--labels", train,
+                        "--test-features", test_feats, "--test-labels", test, *common,
+                        "--json", tmp_path / "two.json")  # fmt: skip
+    assert code == 0, err
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (two["n_train"], two["n_test"]) == (112, 32)
+    assert one["results"] == two["results"]
+
+
+def test_test_labels_alone_with_images_encoded_on_the_fly(
+    tmp_path: Path, make_image_folder: Callable[..., Path], model_file: Path
+) -> None:
+    images = make_image_folder(tmp_path / "images", 12, 32)
+    train = _write_labels(
+        tmp_path / "train.csv", {f"class{i % 2}/{i:04d}.png": f"c{i % 2}" for i in range(8)}
+    )
+    test = _write_labels(
+        tmp_path / "test.csv", {f"class{i % 2}/{i:04d}.png": f"c{i % 2}" for i in range(8, 11)}
+    )
+    code, _, err = _cli("--images", images, "--model", model_file, "--workers", "0", "-q",
+                        "--labels", train, "--test-labels", test, "--method", "knn",
+                        "--json", tmp_path / "r.json")  # fmt: skip
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert (data["n_train"], data["n_test"], data["test_counts"]["n_unlabelled_rows"]) == (8, 3, 1)
+    assert data["inputs"]["images"] == str(images) and data["inputs"]["test_images"] is None
+
+
+def test_test_labels_alone_refuses_a_path_in_both_csvs(
+    tmp_path: Path, blobs: tuple[Path, Path, list[str]]
+) -> None:
+    feats, labels, keys = blobs  # labels.csv names every row
+    _, test, _, _ = _split_csvs(tmp_path, keys)
+    code, _, err = _cli("--features", feats, "--labels", labels, "--test-labels", test)
+    _one_line_error(
+        code, err, 1,
+        f"32 paths are labelled in both {labels} and {test} ('class0/014.png', 'class0/015.png',"
+        " 'class0/016.png', ...); a row cannot both train and test the probes, so remove those"
+        " paths from one of the files",
+    )  # fmt: skip
+
+
+def test_test_labels_alone_that_match_no_row(
+    tmp_path: Path, blobs: tuple[Path, Path, list[str]]
+) -> None:
+    feats, _, keys = blobs
+    train, _, _, _ = _split_csvs(tmp_path, keys)
+    test = _write_labels(tmp_path / "t.csv", {"other/a.png": "class0", "other/b.png": "class1"})
+    code, _, err = _cli("--features", feats, "--labels", train, "--test-labels", test)
+    _one_line_error(code, err, 1, "none of the 2 labelled paths matches one of the 160 feature")
+
+
+def test_test_labels_alone_ignores_test_fraction(
+    tmp_path: Path, blobs: tuple[Path, Path, list[str]]
+) -> None:
+    feats, _, keys = blobs
+    train, test, _, _ = _split_csvs(tmp_path, keys)
+    code, _, err = _cli("--features", feats, "--labels", train, "--test-labels", test,
+                        "--test-fraction", "0.5", "--method", "knn",
+                        "--json", tmp_path / "r.json")  # fmt: skip
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert (data["n_train"], data["n_test"], data["test_fraction"]) == (112, 32, None)

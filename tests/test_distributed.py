@@ -127,6 +127,18 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             if step == 0:
                 results[estimator]["disc_grads"] = [p.grad.clone() for p in disc.parameters()]
 
+    # Local negatives: each rank scores its own rows only; DDP still averages the gradients.
+    model = small_model("nce").eval()
+    torch.manual_seed(3)
+    disc = PriorDiscriminator(16)
+    dim_ddp, _ = wrap_models(model, disc, ctx, negatives="local")
+    out = dim_ddp(batch()[rank * N_PER_RANK : (rank + 1) * N_PER_RANK], discriminator=disc)
+    out.total.backward()
+    results["local-nce"] = {
+        "terms": {k: v.item() for k, v in out.terms.items()},
+        "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+    }
+
     # Uneven rows per rank: the gather pads and drops the padding again.
     local, global_ = embeddings()
     start = sum(UNEVEN[:rank])
@@ -179,6 +191,33 @@ def test_global_negatives_match_one_process_on_the_whole_batch(
     assert all(r["disc_untouched"] for r in ranks)
     for a, b in zip(ranks[0]["disc_grads"], ranks[1]["disc_grads"], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_local_negatives_score_each_process_against_its_own_rows(
+    ddp_results: list[dict[str, Any]],
+) -> None:
+    # One process per half of the batch, each on its own: what --negatives local computes.
+    halves = []
+    for rank in range(WORLD):
+        model = small_model("nce").eval()
+        torch.manual_seed(3)
+        disc = PriorDiscriminator(16)
+        out = model(batch()[rank * N_PER_RANK : (rank + 1) * N_PER_RANK], discriminator=disc)
+        out.total.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        halves.append(({k: v.item() for k, v in out.terms.items()}, grads))
+
+    for rank, result in enumerate(r["local-nce"] for r in ddp_results):
+        terms, _ = halves[rank]
+        assert result["terms"] == pytest.approx(terms, rel=1e-5, abs=1e-6)
+        # Gradients: DDP's average of the two halves' own gradients, on every rank.
+        for name, grad in result["grads"].items():
+            mean = (halves[0][1][name] + halves[1][1][name]) / WORLD
+            torch.testing.assert_close(grad, mean, rtol=1e-4, atol=1e-6, msg=name)
+    # Scoring against fewer negatives gives a different local term than global negatives.
+    glob = sum(r["nce"]["terms"]["local"] for r in ddp_results) / WORLD
+    loc = sum(r["local-nce"]["terms"]["local"] for r in ddp_results) / WORLD
+    assert abs(glob - loc) > 1e-3
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

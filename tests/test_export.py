@@ -13,6 +13,7 @@ import math
 import pickle
 import struct
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ from typer.testing import CliRunner
 import dimcli
 from dimcli import export as dexport
 from dimcli.cli import app
+from dimcli.errors import ModelFileError
 from dimcli.export import (
     EXPORT_BATCH,
+    EXPORT_FORMAT_VERSION,
+    METADATA_FILE,
     VERIFY_BATCH,
     ExportError,
     describe_model,
@@ -549,3 +553,24 @@ def test_info_reads_exported_files(model_for: Callable[[str], Path], tmp_path: P
     code, stdout, _ = _cli("info", out)
     assert code == 0 and "export    pt2, written by `dim export`" in stdout
     assert "output    features: float32 (batch, 1024), layer fc" in stdout
+
+
+def test_info_refuses_an_export_from_a_newer_format(
+    model_for: Callable[[str], Path], tmp_path: Path
+) -> None:
+    good = tmp_path / "enc.pt2"
+    export_encoder(model_for("conv32"), good)
+    # Rewrite the archive with the same members, the metadata claiming a future version.
+    newer = tmp_path / "newer.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(newer, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/extra/" + METADATA_FILE):
+                meta = json.loads(data)
+                meta["format_version"] = EXPORT_FORMAT_VERSION + 1
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    assert read_export_metadata(good)["format_version"] == EXPORT_FORMAT_VERSION
+    with pytest.raises(ModelFileError, match="newer than this dimcli reads"):
+        read_export_metadata(newer)
+    assert "upgrade dimcli" in _one_line_error(*_cli("info", newer))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,35 @@ def test_garbage_files_are_rejected(tmp_path: Path, content: bytes, message: str
     path.write_bytes(content)
     with pytest.raises(ModelFileError, match=message):
         load_encoder(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # A header length of 1 TB in a tiny file.
+        struct.pack("<Q", 10**12) + b"{}",
+        # A well-formed header whose one tensor claims 2**40 float32 values.
+        (lambda h: struct.pack("<Q", len(h)) + h)(
+            json.dumps(
+                {"w": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 4 * 2**40]}}
+            ).encode()
+        ),
+    ],
+    ids=["header-length", "tensor-size"],
+)
+def test_lying_headers_fail_fast_without_allocating(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "liar.safetensors"
+    path.write_bytes(content + b"\0" * 64)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(ModelFileError, match="does not fit|claims bytes"):
+            load_encoder(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 5.0
+    assert peak < 1 << 20, f"{peak} bytes allocated to reject a {path.stat().st_size}-byte file"
 
 
 def test_random_bytes_are_rejected(tmp_path: Path) -> None:

@@ -99,6 +99,34 @@ def test_weighted_total_is_alpha_global_plus_beta_local_plus_gamma_prior() -> No
     assert set(out.estimates) == {"mi_global", "mi_local"}
 
 
+def test_loss_terms_returns_every_term_and_keeps_the_players_apart() -> None:
+    torch.manual_seed(2)
+    model = DIMModel(
+        build_encoder("conv32", feature_dim=8), alpha=0.5, beta=0.1, gamma=0.2, mi_units=16
+    )
+    disc = PriorDiscriminator(8)
+    images = torch.randn(4, 3, 32, 32)
+    terms = model.loss_terms(images, disc)
+    keys = {"total", "global", "local", "prior", "discriminator", "mi_global", "mi_local"}
+    assert set(terms) == keys
+    expected = 0.5 * terms["global"] + 0.1 * terms["local"] + 0.2 * terms["prior"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    # The encoder's loss reaches no discriminator weight...
+    terms["total"].backward(retain_graph=True)
+    assert all(p.grad is None for p in disc.parameters())
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    # ...and the discriminator's loss no encoder weight.
+    model.zero_grad(set_to_none=True)
+    terms["discriminator"].backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in disc.parameters())
+
+    # Without a discriminator (gamma = 0) there is no prior or discriminator term.
+    plain = DIMModel(build_encoder("conv32"), beta=1.0, gamma=0.0, mi_units=8)
+    assert set(plain.loss_terms(torch.randn(2, 3, 32, 32))) == {"total", "local", "mi_local"}
+
+
 def test_zero_weights_build_no_critic() -> None:
     model = DIMModel(build_encoder("conv32"), alpha=0.0, beta=1.0, gamma=0.0, mi_units=8)
     assert not hasattr(model, "map_critic")

@@ -82,15 +82,52 @@ def test_extreme_scores_stay_finite(estimator: str) -> None:
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_gradcheck_float64(estimator: str, chunk: int | None) -> None:
+@pytest.mark.parametrize("shape", [(3, 4, 2, 1), (2, 3, 1, 1), (2, 2, 2, 2)])
+def test_gradcheck_float64(estimator: str, chunk: int | None, shape: tuple[int, ...]) -> None:
     torch.manual_seed(1)
-    local = torch.randn(3, 4, 2, 1, dtype=torch.float64, requires_grad=True)
-    global_ = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    n, d, h, w = shape
+    local = torch.randn(n, d, h, w, dtype=torch.float64, requires_grad=True)
+    global_ = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
 
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return local_mi(a, b, estimator, kernel="reference", chunk=chunk)[0]
 
     assert torch.autograd.gradcheck(fn, (local, global_))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_global_mi_gradcheck_float64(estimator: str) -> None:
+    torch.manual_seed(3)
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, y: global_mi(x, y, estimator, kernel="reference")[0], (a, b)
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (3, 2, 2, 1)])
+def test_gradients_match_finite_differences_of_the_loops(
+    estimator: str, shape: tuple[int, ...]
+) -> None:
+    # gradcheck compares autograd with the function itself; this compares it with the formula.
+    torch.manual_seed(4)
+    n, d, h, w = shape
+    local = torch.randn(n, d, h, w, dtype=torch.float64, requires_grad=True)
+    global_ = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    loss, _ = local_mi(local, global_, estimator, kernel="reference")
+    grads = torch.autograd.grad(loss, (local, global_))
+    eps = 1e-6
+    for tensor, grad in zip((local, global_), grads, strict=True):
+        flat, expected = tensor.detach().view(-1), grad.reshape(-1)
+        for idx in range(flat.numel()):
+            inputs = [local.detach().clone(), global_.detach().clone()]
+            which = 0 if tensor is local else 1
+            inputs[which].view(-1)[idx] += eps
+            up = loop_reference(*inputs, estimator)[0]
+            inputs[which].view(-1)[idx] -= 2 * eps
+            down = loop_reference(*inputs, estimator)[0]
+            assert (up - down) / (2 * eps) == pytest.approx(expected[idx].item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

@@ -17,6 +17,7 @@ from dimcli.probe import (
     DEFAULT_L2_GRID,
     ProbeResult,
     align,
+    check_disjoint_labels,
     knn_probe,
     labels_from_keys,
     linear_probe,
@@ -471,3 +472,55 @@ def test_run_probes_errors() -> None:
     bad[5, 2] = np.nan
     with pytest.raises(DimError, match=r"1 training feature rows hold NaN .*'dog/0005.jpg'"):
         run_probes(bad, keys, labels)
+
+
+# ---- test rows from the same features (test_labels alone) ----------------------------------
+
+
+def test_check_disjoint_labels() -> None:
+    check_disjoint_labels({"a.jpg": "x", "b.jpg": "y"}, {"c.jpg": "x"})  # disjoint: no error
+    train = {f"{i}.jpg": "x" for i in range(6)}
+    test = {f"./{i}.jpg": "x" for i in range(1, 6)} | {"other.jpg": "y"}  # compared normalised
+    with pytest.raises(
+        DimError,
+        match=r"^5 paths are labelled in both the training labels and the test labels "
+        r"\('1.jpg', '2.jpg', '3.jpg', \.\.\.\); a row cannot both train and test",
+    ):
+        check_disjoint_labels(train, test)
+    with pytest.raises(DimError, match=r"1 paths are labelled in both a.csv and b.csv \('x'\);"):
+        check_disjoint_labels({"x": "1"}, {"x": "2"}, names=("a.csv", "b.csv"))
+
+
+def test_run_probes_with_test_labels_from_the_same_features() -> None:
+    x, keys = _keyed_blobs(per_class=20, seed=0)  # 60 rows, 3 classes
+    train = {k: k.split("/")[0] for i, k in enumerate(keys) if i % 4 < 2}  # 30 rows
+    test = {k: k.split("/")[0] for i, k in enumerate(keys) if i % 4 == 2}  # 15 rows
+    test["gone/x.jpg"] = "cat"
+    report = run_probes(x, keys, train, methods=["knn"], test_labels=test)
+    assert report.split == "test-set" and report.test_fraction is None
+    assert (report.n_train, report.n_test, report.n_unlabelled_rows) == (30, 15, 15)
+    assert report.test_counts == {
+        "n_labels": 16,
+        "n_matched": 15,
+        "n_unmatched_labels": 1,
+        "n_unlabelled_rows": 15,  # labelled in neither
+    }
+    # The same as the rows given as a separate test set.
+    test_rows = [i for i, k in enumerate(keys) if k in test]
+    separate = run_probes(
+        x,
+        keys,
+        train,
+        methods=["knn"],
+        test_features=x[test_rows],
+        test_keys=[keys[i] for i in test_rows],
+        test_labels=test,
+    )
+    assert report.results == separate.results
+
+    with pytest.raises(DimError, match="1 paths are labelled in both the training labels"):
+        run_probes(x, keys, train, test_labels={next(iter(train)): "cat"})
+    with pytest.raises(DimError, match="none of the 1 labelled paths matches one of the 60"):
+        run_probes(x, keys, train, test_labels={"gone/x.jpg": "cat"})
+    with pytest.raises(ValueError, match="test_keys need test_features"):
+        run_probes(x, keys, train, test_keys=keys)

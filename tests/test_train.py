@@ -1,7 +1,7 @@
 """Tests for dimcli/train.py and `dim train`: runs, run folders, resume, faults, CLI errors.
 
 Runs are tiny (conv32 with 16 critic units, batches of 4, a few steps, no workers) so each test
-takes seconds on a CPU. Subprocess tests (signals) are few; the longest are marked slow.
+takes seconds on a CPU. Subprocess tests (signals, kill -9) are few; torch.compile is marked slow.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -102,7 +103,7 @@ def test_run_writes_a_complete_run_folder(images: Path, tmp_path: Path) -> None:
     assert config["settings"]["images"] == str(images.absolute())
     assert config["resolved"]["image_size"] == 32 and config["resolved"]["gamma"] == 0.1
     assert config["versions"]["torch"] == torch.__version__
-    assert "git_sha" in config  # None outside a git checkout, never an error
+    assert config["git_sha"] == train_mod._git_sha()  # dimcli's commit, or None
 
     # The model file rebuilds the encoder with the trained weights: equal outputs.
     loaded = load_encoder(out)
@@ -749,7 +750,6 @@ def _wait_for_steps(proc: subprocess.Popen[str], metrics: Path, steps: int) -> N
     pytest.fail("training made no progress in 240 s")
 
 
-@pytest.mark.slow
 def test_sigterm_saves_then_resume_finishes(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _start([str(images), "--out", str(out), "--epochs", "1000", *_FAST], tmp_path)
@@ -772,7 +772,6 @@ def test_sigterm_saves_then_resume_finishes(images: Path, tmp_path: Path) -> Non
     assert load_encoder(out).metadata["training"]["steps"] == stopped_at + 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_kill_9_at_random_points_leaves_a_resumable_run(
     images: Path, tmp_path: Path, seed: int
@@ -793,3 +792,163 @@ def test_kill_9_at_random_points_leaves_a_resumable_run(
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     assert load_encoder(out).metadata["training"]["steps"] == step + 2
+
+
+# ==== bare --resume ====
+
+
+def _steps(run_dir: Path) -> int:
+    return int(load_encoder(run_dir).metadata["training"]["steps"])
+
+
+def test_bare_resume_continues_the_latest_run(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    older = _run(images, None, max_steps=1).run_dir
+    newest = _run(images, None, max_steps=1).run_dir
+    runner = CliRunner()
+    # `--resume` alone, followed by other options or at the end: the latest run.
+    for argv, steps in (
+        (["train", "--resume", "--max-steps", "2", "-q"], 2),
+        (["train", "--max-steps", "3", "-q", "--resume"], 3),
+    ):
+        result = runner.invoke(app, argv, env={})
+        assert result.exit_code == 0, result.output
+        assert _steps(newest) == steps, argv
+    # DIM_RESUME=latest, as before.
+    result = runner.invoke(app, ["train", "--max-steps", "4", "-q"], env={"DIM_RESUME": "latest"})
+    assert result.exit_code == 0, result.output
+    assert _steps(newest) == 4
+    assert _steps(older) == 1  # untouched
+
+
+@pytest.mark.parametrize(
+    ("args", "resume"),
+    [
+        (["--resume"], "latest"),
+        (["--resume", "--print-config"], "latest"),
+        (["--resume", "LATEST"], "latest"),
+        (["--resume", "runs/x"], "runs/x"),
+        (["--resume=runs/x"], "runs/x"),
+        (["--resume", "-"], "-"),
+        (["--out", "--resume"], None),  # the value of --out, not the option
+        (["--", "--resume"], None),  # after --, a word is IMAGES
+        ([], None),
+    ],
+)
+def test_resume_value_is_optional(args: list[str], resume: str | None) -> None:
+    result = CliRunner().invoke(app, ["train", "--print-config", *args], env={})
+    assert result.exit_code == 0, result.output
+    expected = f'resume = "{resume}"' if resume else "# resume: not set (automatic default)"
+    assert expected in result.stdout.splitlines()
+
+
+def test_bare_resume_without_runs_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--resume"], env={})
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no run to resume: runs/latest does not exist")
+    assert result.stderr.count("\n") == 1
+
+
+# ==== git sha of dimcli in config.json ====
+
+
+def _git(*args: str, cwd: Path) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
+    )
+    return done.stdout.strip()
+
+
+def _other_repo(path: Path) -> str:
+    """A git repository with one commit at `path`; returns its commit."""
+    path.mkdir(parents=True)
+    _git("init", "-q", cwd=path)
+    (path / "README").write_text("someone else's project\n")
+    _git("add", "README", cwd=path)
+    _git("commit", "-q", "-m", "first", cwd=path)
+    return _git("rev-parse", "HEAD", cwd=path)
+
+
+def _has_git() -> bool:
+    import shutil
+
+    return shutil.which("git") is not None
+
+
+_NO_GIT = not _has_git()
+
+
+@pytest.mark.skipif(_NO_GIT, reason="git is not installed")
+def test_git_sha_is_dimcli_s_commit_not_the_current_folder_s(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip(f"{REPO} is not a git checkout")
+    if Path(train_mod.__file__).resolve().parents[1] != REPO:
+        pytest.skip("dimcli is not imported from this checkout")
+    before = _git("rev-parse", "HEAD", cwd=REPO)
+    project = tmp_path / "project"
+    theirs = _other_repo(project)
+    monkeypatch.chdir(project)  # a run started inside someone else's repository
+    result = _run(images, project / "run", max_steps=1)
+    after = _git("rev-parse", "HEAD", cwd=REPO)  # someone may commit meanwhile
+    sha = json.loads((result.run_dir / "config.json").read_text())["git_sha"]
+    assert sha in (before, after) and sha != theirs
+
+
+@pytest.mark.skipif(_NO_GIT, reason="git is not installed")
+def test_git_sha_is_none_for_an_installed_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy of dimcli that no repository tracks: in a .venv inside a repository, or anywhere.
+    project = tmp_path / "project"
+    _other_repo(project)
+    (project / ".gitignore").write_text(".venv/\n")
+    for site in (project / ".venv" / "site-packages", tmp_path / "site-packages"):
+        fake = site / "dimcli" / "train.py"
+        fake.parent.mkdir(parents=True)
+        fake.write_text("")
+        monkeypatch.setattr(train_mod, "__file__", str(fake))
+        assert train_mod._git_sha() is None, site
+
+
+@pytest.mark.skipif(_NO_GIT, reason="git is not installed")
+def test_git_sha_of_a_tracked_copy_is_its_repository_s_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "checkout"
+    _other_repo(repo)
+    fake = repo / "dimcli" / "train.py"
+    fake.parent.mkdir()
+    fake.write_text("")
+    _git("add", "dimcli/train.py", cwd=repo)
+    _git("commit", "-q", "-m", "dimcli", cwd=repo)
+    monkeypatch.setattr(train_mod, "__file__", str(fake))
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))  # ignored: not dimcli's repo
+    assert train_mod._git_sha() == _git("rev-parse", "HEAD", cwd=repo)
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels first: tens of seconds on 2 cores
+def test_compiled_run_trains_and_saves_a_plain_model_file(images: Path, tmp_path: Path) -> None:
+    compiled = _run(images, tmp_path / "compiled", compile=True, max_steps=3, seed=5)
+    eager = _run(images, tmp_path / "eager", max_steps=3, seed=5)
+    assert compiled.steps == eager.steps == 3
+    assert all(math.isfinite(v) for v in compiled.final.values())
+    # The model file holds the encoder's own parameter names, so it loads without compile.
+    a, b = load_encoder(compiled.model_path), load_encoder(eager.model_path)
+    assert a.module.state_dict().keys() == b.module.state_dict().keys()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.isfinite(a.encode(x)).all()
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert config["settings"]["compile"] is True

@@ -3,8 +3,10 @@
 Features come from a feature file of `dim encode` (`--features`) or are encoded on the fly
 from `--images` with `--model` into a temporary file. Labels come from a CSV
 (`--labels`, header path,label) or from each image's class folder (`--labels-from-folders`).
-The test rows are a separate set when `--test-features`/`--test-images` is given, otherwise a
-stratified `--test-fraction` of the labelled rows drawn with `--seed`.
+The test rows are a separate set when `--test-features`/`--test-images` is given; the rows of
+the same features labelled in `--test-labels` when only that is given (`--labels` then names
+the training rows); otherwise a stratified `--test-fraction` of the labelled rows drawn with
+`--seed`.
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ def probe(
     ] = "none",
     test_labels: Annotated[
         Path | None,
-        typer.Option(help="Labels of the test set (default: --labels)."),
+        typer.Option(
+            help="Labels of the test set (default: --labels). Without --test-features or "
+            "--test-images, the test rows are the rows of the same features it labels."
+        ),
     ] = None,
     test_features: Annotated[
         Path | None,
@@ -161,8 +166,6 @@ def probe(
     if test_features is not None and test_images is not None:
         raise UsageError("give either --test-features or --test-images, not both")
     has_test_set = test_features is not None or test_images is not None
-    if test_labels is not None and not has_test_set:
-        raise UsageError("--test-labels needs a test set: add --test-features or --test-images")
     if test_labels is not None and labels_from_folders:
         raise UsageError(
             "--labels-from-folders labels the test set by its folders too; drop --test-labels"
@@ -187,11 +190,14 @@ def probe(
 
     from dimcli.encode import encode_folder
     from dimcli.features import read_features
-    from dimcli.probe import labels_from_keys, read_labels_csv, run_probes
+    from dimcli.probe import check_disjoint_labels, labels_from_keys, read_labels_csv, run_probes
 
     # ==== labels first: a bad CSV should fail before any encoding ====
     train_labels = read_labels_csv(labels) if labels is not None else None
     test_label_map = read_labels_csv(test_labels) if test_labels is not None else None
+    if not has_test_set and train_labels is not None and test_label_map is not None:
+        # The test rows come from the same features, so the two CSVs must not share a path.
+        check_disjoint_labels(train_labels, test_label_map, names=(str(labels), str(test_labels)))
 
     with contextlib.ExitStack() as stack:
         # ==== features: from files, or encoded into a temporary folder ====
@@ -245,7 +251,7 @@ def probe(
         )
 
     # ==== report ====
-    for line in describe_matching(report):
+    for line in describe_matching(report, same_features=not has_test_set):
         typer.echo(line)
     console = Console()
     console.print(results_table(report))
@@ -291,6 +297,8 @@ def describe_inputs(
         lines.append(f"test set: {test_images} ({encoded})")
     elif test_features is not None:
         lines.append(f"test set: {test_features}")
+    elif test_labels is not None:
+        lines.append(f"test set: the rows of the same features labelled in {test_labels}")
     else:
         lines.append(f"test set: {test_fraction:g} of each class, held out")
     if test_labels is not None:
@@ -304,8 +312,12 @@ def describe_probes(methods: Sequence[str], k: int, mlp_epochs: int, seed: int) 
     return f"probes: {', '.join(named.get(m, m) for m in methods)}; seed {seed}"
 
 
-def describe_matching(report: ProbeReport) -> Iterator[str]:
-    """How many labelled rows matched, as lines for the terminal."""
+def describe_matching(report: ProbeReport, *, same_features: bool = False) -> Iterator[str]:
+    """How many labelled rows matched, as lines for the terminal.
+
+    `same_features`: the test rows come from the training features (`--test-labels` alone);
+    then "rows without a label" are the rows labelled in neither CSV.
+    """
     yield (
         f"labels: {report.n_matched} of {report.n_labels} labelled paths matched feature rows "
         f"({report.n_unmatched_labels} labels without a row, "
@@ -314,8 +326,9 @@ def describe_matching(report: ProbeReport) -> Iterator[str]:
     )
     if report.test_counts is not None:
         t = report.test_counts
+        where = "rows of the same features " if same_features else ""
         yield (
-            f"test set: {t['n_matched']} of {t['n_labels']} labelled paths matched "
+            f"test set: {t['n_matched']} of {t['n_labels']} labelled paths matched {where}"
             f"({t['n_unmatched_labels']} labels without a row, {t['n_unlabelled_rows']} rows "
             "without a label)"
         )

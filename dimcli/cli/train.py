@@ -23,8 +23,9 @@ _MULTI = "Several processes (see docs/distributed.md)"
     "train",
     epilog=examples(
         "dim train images/ --out runs/first --epochs 20",
-        "dim train --resume latest",
+        "dim train --resume",
     ),
+    bare_values={"--resume": "latest"},
 )
 def train_command(
     images: Annotated[
@@ -318,7 +319,9 @@ def train_command(
     resume: Annotated[
         str | None,
         typer.Option(
-            help="Continue a run: 'latest' (runs/latest) or its folder.",
+            metavar="RUN",
+            help="Continue a run: its folder, or 'latest' (runs/latest), which is what "
+            "--resume alone means.",
             rich_help_panel=_RUN,
             show_default=False,
         ),
@@ -393,7 +396,7 @@ def train_command(
 
     Settings: options > DIM_<FIELD> variables > --config file > defaults.
     The run folder gets encoder.safetensors, config.json, metrics.jsonl, a checkpoint.
-    Ctrl-C saves and stops; `dim train --resume latest` continues.
+    Ctrl-C saves and stops; `dim train --resume` continues the latest run.
     """
     given = dict(locals())  # every parameter above, by name
     cli = {name: given[name] for name in FIELDS}

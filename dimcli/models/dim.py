@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dimcli.models.critics import MIBlock
 from dimcli.models.encoders import Encoder
-from dimcli.models.prior import prior_loss
+from dimcli.models.prior import discriminator_loss, prior_loss
 from dimcli.objectives import ESTIMATORS, KERNELS, local_mi
 
 # (local (N, u, H, W), global (N, u), estimator) -> (loss, estimate), like `local_mi`.
@@ -121,6 +121,24 @@ class DIMModel(nn.Module):
             total = total + self.gamma * terms["prior"]
 
         return LossTerms(total=total, terms=terms, estimates=estimates, y=y)
+
+    def loss_terms(
+        self, images: Tensor, discriminator: nn.Module | None = None, *, gp_weight: float = 0.0
+    ) -> dict[str, Tensor]:
+        """Every term of one batch in one dict, for logging or a hand-written training loop.
+
+        Keys: "total" (the encoder's weighted loss), "global", "local", "prior" (unweighted,
+        for the active terms), "discriminator" (the discriminator's own loss on this batch,
+        present when `discriminator` is given), "mi_global", "mi_local" (estimates, nats).
+        The two players stay separate: "total" sends no gradient to the discriminator, and
+        "discriminator" none to the encoder (y is detached), so each goes to its own optimiser.
+        """
+        out = self(images, discriminator)
+        terms = {"total": out.total, **out.terms, **out.estimates}
+        if discriminator is not None:
+            assert out.y is not None, "forward() always returns y"
+            terms["discriminator"] = discriminator_loss(discriminator, out.y, gp_weight)
+        return terms
 
     def score(self, local: Tensor, global_: Tensor) -> tuple[Tensor, Tensor]:
         """(loss, estimate) of local embeddings (N, u, H, W) against global ones (N, u)."""
