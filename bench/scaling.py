@@ -9,7 +9,7 @@
 Every point runs in a fresh child process, so that peak memory (VmHWM of the child; on CUDA
 the allocator's peak) belongs to that point alone.
 
-    .venv/bin/python bench/scaling.py                            # batches 16..256, 1k/2k/4k images
+    .venv/bin/python bench/scaling.py                            # batches 16..256, 1k/4k/16k images
     .venv/bin/python bench/scaling.py --batches 32,64,128 --sizes 1000,4000 --mi-units 2048
     .venv/bin/python bench/scaling.py --smoke --data DIR
 """
@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,44 @@ def peak_rss_mib() -> float:
     import resource  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class AnonPeak:
+    """Peak anonymous resident memory (RssAnon), MiB, sampled every 10 ms while in the block.
+
+    VmHWM also counts the pages of memory-mapped files, here the .npy being written, which the
+    kernel can drop at any time; RssAnon is the process's own memory, which must stay flat.
+    Linux only: elsewhere `peak_mib` stays None.
+    """
+
+    def __init__(self) -> None:
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now_mib() -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            now = self.now_mib()
+            if now is not None:
+                self.peak_mib = max(self.peak_mib or 0.0, now)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ==== child processes: one measurement each, printed as one JSON line ====
@@ -85,15 +124,17 @@ def child_encode(folder: str, out: str, layer: str, threads: int | None) -> None
         prep = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "centre crop"}
         save_encoder(build_encoder("conv32"), model, preprocessing=prep)
     base = peak_rss_mib()
-    res = encode_folder(
-        Path(folder),
-        Path(out),
-        model=model,
-        layer=layer,
-        device="cpu",
-        progress=False,
-        overwrite=True,
-    )
+    base_anon = AnonPeak.now_mib()
+    with AnonPeak() as anon:
+        res = encode_folder(
+            Path(folder),
+            Path(out),
+            model=model,
+            layer=layer,
+            device="cpu",
+            progress=False,
+            overwrite=True,
+        )
     print(
         json.dumps(
             {
@@ -101,10 +142,19 @@ def child_encode(folder: str, out: str, layer: str, threads: int | None) -> None
                 "rows": res.n_rows,
                 "peak_rss_mib": peak_rss_mib(),
                 "base_rss_mib": base,
+                "peak_anon_mib": anon.peak_mib,
+                "base_anon_mib": base_anon,
                 "file_mib": Path(out).stat().st_size / 2**20,
             }
         )
     )
+
+
+def _anon(r: dict[str, Any]) -> str:
+    """Peak anonymous RSS over the child's start (model loaded), or "-" where unmeasured."""
+    if r.get("peak_anon_mib") is None or r.get("base_anon_mib") is None:
+        return "-"
+    return f"{r['peak_anon_mib'] - r['base_anon_mib']:.0f}"
 
 
 def run_child(*args: str) -> dict[str, Any]:
@@ -149,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="16,32,64,128,256")
     ap.add_argument("--mi-units", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per batch size")
-    ap.add_argument("--sizes", default="1000,2000,4000", help="folder sizes for encode")
+    ap.add_argument("--sizes", default="1000,4000,16000", help="folder sizes for encode")
     ap.add_argument("--layer", default="conv", help="encode layer (conv writes the widest rows)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch intra-op threads in the children")
@@ -227,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['seconds'] / base_time:.2f}x (images {n / base_n:g}x)",
                     f"{r['peak_rss_mib']:.0f}",
                     f"{r['peak_rss_mib'] - r['base_rss_mib']:.0f}",
+                    _anon(r),
                     f"{r['file_mib']:.1f}",
                 ]
             )
@@ -256,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(f"Encode (layer {args.layer}, .npy), one child process per folder size:")
+    print("(peak RSS counts the memory-mapped output's pages; anon RSS is the process's own)")
     print()
     print(
         markdown_table(
@@ -266,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 "time vs first",
                 "peak RSS MiB",
                 "RSS over model MiB",
+                "anon RSS over model MiB",
                 "output MiB",
             ],
             enc_rows,
