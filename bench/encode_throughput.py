@@ -6,11 +6,7 @@
   already in memory, as many images as the folder holds;
 - encode: `dimcli.encode.encode_folder` into a .npy file, end to end.
 
-The slower of the first two bounds the third where decoding and the forward pass run on
-separate cores; the target is encode >= 0.8 x that bound. Where they share the cores (a small
-CPU machine: the loader workers and the encoder's threads take turns on the same two cores),
-the real bound is lower: the cores' CPU seconds over the CPU seconds both need per image,
-measured in the two runs. The table gives that shared-CPU bound and encode's share of it.
+The slower of the first two bounds the third; the target is encode >= 0.8 x that bound.
 
     .venv/bin/python bench/encode_throughput.py                  # CIFAR-10 test split (10k)
     .venv/bin/python bench/encode_throughput.py --layers y,conv --per-class 500
@@ -22,10 +18,7 @@ The encoder is conv32 at random initialisation (speed does not depend on the wei
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -62,15 +55,8 @@ def make_model(path: Path) -> Path:
     return path
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (loader workers), seconds."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def decode_only(folder: Path, batch: int, workers: int) -> tuple[float, float]:
-    """Images/s of the encode loader with no model behind it, and CPU seconds per image."""
+def decode_only(folder: Path, batch: int, workers: int) -> float:
+    """Images/s of the encode loader with no model behind it."""
     dataset = ImageFolder(folder, transform=make_transform(32, "none", train=False))
     n_workers = min(workers, math.ceil(len(dataset) / batch))
     loader = make_loader(
@@ -82,25 +68,21 @@ def decode_only(folder: Path, batch: int, workers: int) -> tuple[float, float]:
         device=torch.device("cpu"),
         seed=0,
     )
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    start = time.perf_counter()
     n = sum(len(b) + len(b.skipped) for b in loader)
-    seconds = time.perf_counter() - start
-    del loader  # joins the workers, so that their CPU time is counted
-    gc.collect()
-    return n / seconds, (_cpu_seconds() - cpu) / n
+    return n / (time.perf_counter() - start)
 
 
-def forward_only(model: Path, layer: str, n: int, batch: int) -> tuple[float, float]:
-    """Images/s of the encoder on in-memory uint8 batches (one warm-up batch first), and CPU
-    seconds per image."""
+def forward_only(model: Path, layer: str, n: int, batch: int) -> float:
+    """Images/s of the encoder on in-memory uint8 batches (one warm-up batch first)."""
     embed = BatchEmbedder(load_encoder(model), layer, "none", torch.device("cpu"))
     images = random_images(batch)
     embed(images)
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    start = time.perf_counter()
     done = 0
     while done < n:
         done += len(embed(images[: min(batch, n - done)]))
-    return done / (time.perf_counter() - start), (_cpu_seconds() - cpu) / done
+    return done / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         n_images = sum(1 for _ in folder.rglob("*.jpg"))
         model = make_model(work / "encoder.safetensors")
         workers = auto_workers()
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         for layer in args.layers.split(","):
-            decode, decode_cpu = decode_only(folder, args.batch_size, workers)
+            decode = decode_only(folder, args.batch_size, workers)
             load.sample()
-            forward, forward_cpu = forward_only(model, layer, n_images, args.batch_size)
+            forward = forward_only(model, layer, n_images, args.batch_size)
             load.sample()
             res = encode_folder(
                 folder,
@@ -146,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             load.sample()
             bound = min(decode, forward)
             ratio = res.images_per_second / bound
-            # Decoding and the forward pass share the cores: together they can go no faster
-            # than the cores' CPU seconds divided by the CPU seconds both need per image.
-            shared = cpus / (decode_cpu + forward_cpu)
             rows.append(
                 [
                     layer,
@@ -160,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"{res.images_per_second:.0f}",
                     f"{ratio:.2f}",
                     "yes" if ratio >= TARGET else "no",
-                    f"{shared:.0f}",
-                    f"{res.images_per_second / shared:.2f}",
                 ]
             )
             print(
@@ -182,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         "encode img/s",
         "encode / slower",
         f">= {TARGET}",
-        "shared-CPU bound img/s",
-        "encode / bound",
     ]
     print()
     print(markdown_table(headers, rows))

@@ -97,15 +97,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --precision on `device` (None: plain float32), as in training.
+    """The autocast dtype for --precision on `device` (None: plain float32).
 
-    auto is bf16 on a CUDA GPU that supports it and float32 elsewhere.
+    auto is bf16 on a CUDA GPU that supports it and float32 elsewhere. Unlike training, auto
+    stays float32 on a CPU even where it has bf16 instructions: encoding there is fast
+    already, and float32 features are the same on every CPU.
 
     Raises:
         UsageError: an unknown precision, or bf16 on a GPU without it.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto" and device.type != "cuda":
+        return None
     return {"fp32": None, "bf16": torch.bfloat16}[train.resolve_precision(precision, device)]
 
 

@@ -265,7 +265,8 @@ def test_colour_only_on_a_terminal_without_no_color() -> None:
 def _dim(env: dict[str, str], *args: str, shell: str | None = None) -> subprocess.CompletedProcess:
     """`dim ARGS` as a user's shell runs it: the console script, optionally under `shell`."""
     script = str(Path(sys.executable).with_name("dim"))
-    command = [shell, "-c", shlex.join([script, *args])] if shell else [script, *args]
+    # "; exit $?" keeps the shell as dim's parent (a lone command would be exec'd in its place).
+    command = [shell, "-c", shlex.join([script, *args]) + "; exit $?"] if shell else [script, *args]
     return subprocess.run(
         command, env={**os.environ, **env}, capture_output=True, text=True, timeout=120
     )

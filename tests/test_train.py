@@ -689,6 +689,26 @@ def test_device_and_precision_resolution() -> None:
     assert resolve_precision("fp32", cpu) == "fp32"
 
 
+def test_auto_precision_on_a_cpu_follows_its_bf16_instructions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512bw\n\n")
+    assert train_mod._cpu_flags(cpuinfo) == {"fpu", "sse2", "avx512f", "avx512bw"}
+    assert train_mod._cpu_flags(tmp_path / "absent") is None
+
+    cpu = torch.device("cpu")
+    for flags, expected in [
+        ({"avx512bw"}, "fp32"),
+        ({"avx512_bf16"}, "bf16"),
+        ({"amx_bf16"}, "bf16"),
+    ]:
+        monkeypatch.setattr(train_mod, "_cpu_flags", lambda *a, f=flags: f)
+        assert train_mod.cpu_supports_bf16() is (expected == "bf16")
+        assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice always wins
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     dim = Path(sys.executable).parent / "dim"
     if not dim.exists():
