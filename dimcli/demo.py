@@ -40,7 +40,7 @@ from dimcli.sample import CLASSES, PER_CLASS, sample_dir, subset_dir
 # 15 epochs are 30,000 training images (about 90 s at 300-450 images/s), and the linear
 # probes of the two 4096-wide conv layers take most of the rest. A learning rate of 1e-3
 # (the paper uses 1e-4 over far longer runs) gave better probes after 15 epochs in our
-# measurements. Measured numbers are in docs/sample.md.
+# measurements. A measured run is in docs/sample.md.
 DEMO_EPOCHS = 15
 QUICK_EPOCHS = 3
 DEMO_MI_UNITS = 512
