@@ -38,6 +38,7 @@ from dimcli.errors import DimError, ModelFileError, UsageError
 from dimcli.modelfile import (
     LoadedEncoder,
     atomic_write,
+    check_format_version,
     file_sha256,
     load_encoder,
     read_metadata,
@@ -542,14 +543,7 @@ def read_export_metadata(path: str | os.PathLike[str], fmt: str | None = None) -
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ModelFileError(f"{p}: metadata does not describe a dimcli export")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"{p}: export metadata has no integer format_version; it is damaged")
-    if version > EXPORT_FORMAT_VERSION:
-        raise ModelFileError(
-            f"{p} uses export format version {version}, newer than this dimcli reads "
-            f"({EXPORT_FORMAT_VERSION}); upgrade dimcli (pip install -U dimcli)"
-        )
+    check_format_version(p, meta, EXPORT_FORMAT_VERSION, "export")
     return meta
 
 

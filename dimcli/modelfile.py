@@ -21,7 +21,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -167,14 +167,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(
             f"{p}: metadata does not describe a dimcli encoder (format {FORMAT!r})"
         )
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ModelFileError(f"{p}: metadata has no integer format_version; the file is damaged")
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{p} uses model format version {version}, newer than this dimcli reads "
-            f"({FORMAT_VERSION}); upgrade dimcli (pip install -U dimcli)"
-        )
+    check_format_version(p, meta, FORMAT_VERSION, "model")
     enc = meta.get("encoder")
     if not isinstance(enc, dict) or enc.get("name") not in ENCODERS:
         name = enc.get("name") if isinstance(enc, dict) else None
@@ -415,6 +408,24 @@ def _check_weights(path: Path, module: nn.Module, weights: dict[str, Tensor]) ->
 def _some(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_format_version(path: Path, meta: Mapping[str, Any], supported: int, kind: str) -> None:
+    """Refuse `meta` without an integer "format_version", or with one newer than `supported`.
+
+    Raises:
+        ModelFileError: naming the file, and the upgrade for a newer format.
+    """
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFileError(
+            f"{path}: {kind} metadata has no integer format_version; the file is damaged"
+        )
+    if version > supported:
+        raise ModelFileError(
+            f"{path} uses {kind} format version {version}, newer than this dimcli reads "
+            f"({supported}); upgrade dimcli (pip install -U dimcli)"
+        )
 
 
 def _read_header(path: Path) -> dict[str, Any]:
